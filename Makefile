@@ -1,0 +1,25 @@
+# Every target creates .venv (pinned CPU install) when it is missing.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+EXTRAS := dev,hf,deepspeed,bench
+
+.PHONY: demo test bench clean
+
+$(STAMP): setup.py requirements/pins.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(PY) -m pip install -q -c requirements/pins.txt -e '.[$(EXTRAS)]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m firempo_kernels_bench.report
+
+demo: $(STAMP)
+	$(PY) -m firempo_kernels.integrations.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,50 @@
+"""firempo-kernels: fused Triton kernels for fine-grained preference optimisation (FiRe-MPO).
+
+One distribution, one import namespace. The top-level source folders ``csrc_triton/`` and
+``integrations/`` are mapped into ``firempo_kernels`` so nothing generic lands in site-packages.
+"""
+
+from setuptools import setup
+
+PACKAGES = {
+    "firempo_kernels": "firempo_kernels",
+    "firempo_kernels.csrc_triton": "csrc_triton",
+    "firempo_kernels.integrations": "integrations",
+}
+
+setup(
+    name="firempo-kernels",
+    version="0.1.0",
+    description=(
+        "Fused Triton kernels for FiRe-MPO: span-level DPO rewards, visual-contrastive term and "
+        "two-sided token KL computed from hidden states without materialising logits"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=list(PACKAGES),
+    package_dir=PACKAGES,
+    package_data={"firempo_kernels.integrations": ["configs/*.json", "configs/*.yaml", "demo_assets/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.4; platform_system == 'Linux'",
+        "numpy",
+    ],
+    extras_require={
+        "hf": ["transformers>=4.57", "pillow", "safetensors", "tokenizers"],
+        "deepspeed": ["deepspeed>=0.16", "pyyaml", "tqdm"],
+        "peft": ["peft"],
+        "bench": ["pytest-benchmark", "matplotlib"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist"],
+        # flash-attn ships no wheels on the registry: optional, never needed to import or test.
+        "gpu": ["flash-attn"],
+    },
+    entry_points={
+        "console_scripts": [
+            "firempo-train=firempo_kernels.integrations.train:main",
+            "firempo-build-pairs=firempo_kernels.integrations.data.build_pairs:main",
+            "firempo-corrupt=firempo_kernels.integrations.data.corrupt:main",
+        ]
+    },
+)
