@@ -1,0 +1,47 @@
+"""The one tile every kernel starts from: ``(x[rows] @ w[cols]^T + b[cols]) / tau`` in fp32."""
+
+import os
+
+import triton
+import triton.language as tl
+
+# Under TRITON_INTERPRET=1 a bf16/fp16 ``tl.dot`` returns garbage, so the launch helpers ask for fp32
+# operands there; on a GPU the operands stay in their own dtype and the dot accumulates in fp32.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype) -> str:
+    """fp32 operands get exact fp32 products ("ieee"); Triton would otherwise use tf32 (~3e-4 error)."""
+    return "ieee" if str(dtype).endswith("float32") else "tf32"
+
+
+@triton.jit
+def logits_tile(
+    x_ptr, w_ptr, b_ptr,
+    offs_rows, offs_cols, row_mask, col_mask,
+    D, stride_xn, stride_xd, stride_wv, stride_wd, inv_tau,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    # offs_rows / offs_cols are int64: rows * stride and cols * stride pass 2**31 at real sizes.
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        x = tl.load(
+            x_ptr + offs_rows[:, None] * stride_xn + offs_d[None, :] * stride_xd,
+            mask=row_mask[:, None] & d_mask[None, :], other=0.0,
+        )
+        w = tl.load(
+            w_ptr + offs_cols[:, None] * stride_wv + offs_d[None, :] * stride_wd,
+            mask=col_mask[:, None] & d_mask[None, :], other=0.0,
+        )
+        if UPCAST_DOT:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc += b[None, :]
+    return acc * inv_tau

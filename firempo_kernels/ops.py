@@ -1,0 +1,291 @@
+"""The core fused ops (layer 2): target log-probs and two-sided token KL straight from hidden states.
+
+    fused_linear_logprobs(hidden, weight, targets)                          -> Tensor
+    fused_linear_token_kl(hidden, weight, ref_hidden, ref_weight, targets)  -> TokenKL
+
+Forward: per-token statistics streamed over the vocabulary (Triton kernel on CUDA, chunked PyTorch
+elsewhere; see ``backend``). Backward: dS is recomputed chunk by chunk from the saved per-token
+statistics and turned into dh, dW, db by dense matrix products. No tensor of N x V elements exists.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from . import _validate as v
+from .backend import resolve_backend
+from .token_stats import (
+    NUM_STATS,
+    accumulation_dtype,
+    chunk_dlogits,
+    chunk_logits,
+    chunk_stats,
+    finalize,
+    merge_partials,
+)
+
+
+class TokenKL(NamedTuple):
+    """Per-token outputs of :func:`fused_linear_token_kl`, each float32 and shaped like ``targets``."""
+
+    logp: torch.Tensor  #: log pi_theta(y_t)
+    ref_logp: torch.Tensor  #: log pi_ref(y_t); never receives a gradient
+    kl_forward: torch.Tensor  #: KL(pi_ref || pi_theta) over the full vocabulary
+    kl_reverse: torch.Tensor  #: KL(pi_theta || pi_ref) over the full vocabulary
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chunking. Working memory is one (tokens x vocab) chunk of fp32 plus a handful of same-sized
+# temporaries (logits, exp, dS; twice that with a reference). On the CPU a 2**18-element chunk (1 MiB)
+# keeps the temporaries near 8 MiB, a few percent of the full-logits path even at N=4096, V=32000, while
+# each chunk's [128, d] x [d, 2048] product is still large enough for the BLAS. On CUDA the chunk is
+# only dS (bf16), written by the kernel and read by two cuBLAS products: 2**26 elements (128 MiB bf16)
+# keeps those products at full rate; vocabulary chunks of 32768 mean N x V is never materialised.
+# ---------------------------------------------------------------------------------------------------
+_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
+_VOCAB_CHUNK = {"cpu": 2048, "cuda": 32768}
+
+
+def chunk_shape(num_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
+    """(tokens, vocabulary entries) per chunk on ``device``."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    v_chunk = max(1, min(vocab, _VOCAB_CHUNK[kind]))
+    n_chunk = max(1, min(num_tokens, _CHUNK_ELEMENTS[kind] // v_chunk))
+    return n_chunk, v_chunk
+
+
+def _stats_torch(h, w, b, rh, rw, rb, y, inv_tau) -> torch.Tensor:
+    n, vocab = h.shape[0], w.shape[0]
+    n_chunk, v_chunk = chunk_shape(n, vocab, h.device)
+    stats = h.new_empty((NUM_STATS, n), dtype=accumulation_dtype(h.dtype))
+    has_ref = rh is not None
+    for i in range(0, n, n_chunk):
+        rows = slice(i, i + n_chunk)
+        running = None
+        for j in range(0, vocab, v_chunk):
+            cols = slice(j, j + v_chunk)
+            s = chunk_logits(h[rows], w[cols], None if b is None else b[cols], inv_tau)
+            t = chunk_logits(rh[rows], rw[cols], None if rb is None else rb[cols], inv_tau) if has_ref else None
+            part = chunk_stats(s, t, y[rows] - j)
+            running = part if running is None else merge_partials(torch.stack((running, part)), has_ref)
+        stats[:, rows] = running
+    return stats
+
+
+def _stats_triton(h, w, b, rh, rw, rb, y, inv_tau) -> torch.Tensor:
+    from firempo_kernels.csrc_triton import token_stats_partials
+
+    partials = token_stats_partials(h, w, b, rh, rw, rb, y, inv_tau)
+    return merge_partials(partials, rh is not None)
+
+
+def _dlogits_triton(*args, **kwargs) -> torch.Tensor:
+    from firempo_kernels.csrc_triton import token_dlogits
+
+    return token_dlogits(*args, **kwargs)
+
+
+def _accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``out += a @ b`` with ``out`` in the accumulation dtype and a, b in the operand dtype."""
+    if a.dtype == out.dtype and b.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:  # bf16/fp16 operands on a GPU: tensor-core product, one rounding per chunk, fp32 sum
+        out += (a @ b).to(out.dtype)
+
+
+class _FusedTokenStats(torch.autograd.Function):
+    """Inputs are already validated, compacted to non-ignored rows and 2-D."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau, backend):
+        has_ref = ref_hidden is not None
+        stats_fn = _stats_triton if backend == "triton" else _stats_torch
+        with torch.no_grad():
+            out = finalize(stats_fn(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau), has_ref)
+        ctx.inv_tau, ctx.backend, ctx.has_ref = inv_tau, backend, has_ref
+        ctx.save_for_backward(
+            hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+            out.lse, out.ref_lse, out.expected_diff,
+        )
+        ctx.set_materialize_grads(False)
+        if not has_ref:
+            return out.logp
+        ctx.mark_non_differentiable(out.ref_logp)
+        return out.logp, out.ref_logp, out.kl_forward, out.kl_reverse
+
+    @staticmethod
+    def backward(ctx, grad_logp, *grad_rest):
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse, ref_lse, e_diff = ctx.saved_tensors
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        grad_kl_forward, grad_kl_reverse = grad_rest[1:] if ctx.has_ref else (None, None)
+        n, vocab = hidden.shape[0], weight.shape[0]
+        acc = lse.dtype
+
+        def dense(g):
+            return torch.zeros_like(lse) if g is None else g.to(acc).contiguous()
+
+        # A KL gradient is wanted only if some upstream KL gradient is non-zero; otherwise the
+        # reference logits are never rebuilt.
+        need_ref = ctx.has_ref and any(g is not None and bool(g.any()) for g in (grad_kl_forward, grad_kl_reverse))
+        grad_logp = dense(grad_logp)
+        if need_ref:
+            grad_kl_forward, grad_kl_reverse = dense(grad_kl_forward), dense(grad_kl_reverse)
+
+        dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+        db = torch.zeros(vocab, dtype=acc, device=weight.device) if need_db else None
+        if n and (need_dh or need_dw or need_db):
+            triton_path = ctx.backend == "triton"
+            dlogits = _dlogits_triton if triton_path else chunk_dlogits
+            operand_dtype = weight.dtype if triton_path else acc
+            n_chunk, v_chunk = chunk_shape(n, vocab, hidden.device)
+            for j in range(0, vocab, v_chunk):
+                cols = slice(j, j + v_chunk)
+                w_j = weight[cols].to(operand_dtype)
+                for i in range(0, n, n_chunk):
+                    rows = slice(i, i + n_chunk)
+                    ds = dlogits(
+                        hidden[rows], weight[cols], None if bias is None else bias[cols],
+                        ref_hidden[rows] if need_ref else None,
+                        ref_weight[cols] if need_ref else None,
+                        ref_bias[cols] if need_ref and ref_bias is not None else None,
+                        targets[rows] - j, lse[rows],
+                        ref_lse[rows] if need_ref else None,
+                        e_diff[rows] if need_ref else None,
+                        grad_logp[rows],
+                        grad_kl_forward[rows] if need_ref else None,
+                        grad_kl_reverse[rows] if need_ref else None,
+                        ctx.inv_tau, operand_dtype,
+                    ).to(operand_dtype)
+                    if need_dh:
+                        _accumulate_product(dh[rows], ds, w_j)
+                    if need_dw:
+                        _accumulate_product(dw[cols], ds.T, hidden[rows].to(operand_dtype))
+                    if need_db:
+                        db[cols] += ds.sum(dim=0, dtype=acc)
+
+        def cast(grad, like):
+            return None if grad is None else grad.to(like.dtype)
+
+        return cast(dh, hidden), cast(dw, weight), cast(db, weight), None, None, None, None, None, None
+
+
+def _flatten_and_compact(hidden, targets, ignore_index, *others):
+    """2-D views of the non-ignored rows, their row index (None when every row is kept)."""
+    flat_targets = targets.reshape(-1)
+    keep = flat_targets != ignore_index
+    flat = [x.reshape(-1, x.shape[-1]) if x is not None else None for x in (hidden, *others)]
+    if bool(keep.all()):
+        return flat, flat_targets.to(torch.int64), None
+    index = torch.nonzero(keep)[:, 0]
+    flat = [x.index_select(0, index) if x is not None else None for x in flat]
+    return flat, flat_targets.index_select(0, index).to(torch.int64), index
+
+
+def _expand(values: torch.Tensor, index, targets: torch.Tensor) -> torch.Tensor:
+    """Scatter compacted per-token values back to ``targets.shape``, 0 at ignored positions."""
+    if index is None:
+        return values.reshape(targets.shape)
+    full = values.new_zeros(targets.numel())
+    return full.index_copy(0, index, values).reshape(targets.shape)
+
+
+def _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, temperature, ignore_index):
+    v.check_tensor(fn, "targets", targets)
+    v.check_head(fn, "weight", weight, "bias", bias)
+    v.check_hidden(fn, "hidden", hidden, "weight", weight, targets)
+    has_ref = ref_weight is not None
+    if has_ref:
+        v.check_head(fn, "ref_weight", ref_weight, "ref_bias", ref_bias)
+        v.check_hidden(fn, "ref_hidden", ref_hidden, "ref_weight", ref_weight, targets)
+        if ref_weight.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"{fn}: `ref_weight` must have the vocabulary size of `weight` ({weight.shape[0]}); "
+                f"got {ref_weight.shape[0]}"
+            )
+    device = v.check_same_device(fn, {
+        "hidden": hidden, "weight": weight, "bias": bias, "ref_hidden": ref_hidden,
+        "ref_weight": ref_weight, "ref_bias": ref_bias, "targets": targets,
+    })
+    inv_tau = 1.0 / v.check_positive_finite(fn, "temperature", temperature)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: `ignore_index` must be an int; got {type(ignore_index).__name__}")
+    v.check_targets(fn, "targets", targets, weight.shape[0], ignore_index)
+    backend = resolve_backend(device, hidden.dtype)
+    if has_ref:
+        resolve_backend(device, ref_hidden.dtype)
+        # The reference never gets a gradient: cut its graph so nothing of it is kept alive.
+        ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
+        ref_bias = ref_bias.detach() if ref_bias is not None else None
+
+    (h, rh), y, index = _flatten_and_compact(hidden, targets, ignore_index, ref_hidden)
+    outs = _FusedTokenStats.apply(h, weight, bias, rh, ref_weight, ref_bias, y, inv_tau, backend)
+    outs = outs if has_ref else (outs,)
+    return [_expand(o, index, targets) for o in outs]
+
+
+def fused_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Log-probability of each target under ``softmax((hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: [..., d] float32/bfloat16/float16 (float64 on the torch backend).
+        weight: [V, d], the dtype of ``hidden``. Gets a gradient only if it requires one.
+        targets: [...] integer, in [0, V) or ``ignore_index``.
+        bias: optional [V], the dtype of ``weight``.
+        temperature: finite, > 0; the logits are divided by it.
+        ignore_index: positions with this target give 0 and receive no gradient.
+
+    Returns:
+        float32 tensor shaped like ``targets`` (float64 for float64 inputs).
+    """
+    (logp,) = _run("fused_linear_logprobs", hidden, weight, bias, None, None, None, targets, temperature, ignore_index)
+    return logp
+
+
+def fused_linear_token_kl(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+) -> TokenKL:
+    """Target log-probs of policy and reference and both token-wise KL directions, without logits.
+
+    With s = (hidden @ weight.T + bias) / T, t = (ref_hidden @ ref_weight.T + ref_bias) / T,
+    p = softmax(s), q = softmax(t), per position:
+    ``logp = log p[y]``, ``ref_logp = log q[y]``, ``kl_forward = KL(q || p)``, ``kl_reverse = KL(p || q)``,
+    both KLs over the full vocabulary.
+
+    Args:
+        hidden: [..., d] policy hidden states, float32/bfloat16/float16 (float64 on the torch backend).
+        weight: [V, d] policy head, the dtype of ``hidden``.
+        ref_hidden: [..., d'] reference hidden states (leading dims of ``targets``).
+        ref_weight: [V, d'] reference head (may be ``weight`` itself), the dtype of ``ref_hidden``.
+        targets: [...] integer, in [0, V) or ``ignore_index``.
+        bias, ref_bias: optional [V].
+        temperature: finite, > 0, applied to both models' logits.
+        ignore_index: positions with this target give 0 everywhere and receive no gradient.
+
+    Returns:
+        :class:`TokenKL` of four float32 tensors shaped like ``targets``. Gradients reach ``hidden``,
+        ``weight`` and ``bias`` (those that require grad) from any mix of ``logp``, ``kl_forward`` and
+        ``kl_reverse``; the reference side never gets one and its graph is not kept.
+    """
+    fn = "fused_linear_token_kl"
+    v.check_tensor(fn, "ref_weight", ref_weight)
+    v.check_tensor(fn, "ref_hidden", ref_hidden)
+    outs = _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, temperature, ignore_index)
+    return TokenKL(*outs)

@@ -1,0 +1,112 @@
+"""Per-token statistics shared by both backends (layer 1): the chunked PyTorch implementation of the
+forward statistics and of dS, the merge of partial statistics, and the final per-token outputs.
+
+The statistics tensor is ``[NUM_STATS, n]`` (or ``[splits, NUM_STATS, n]`` for partials) with rows
+``m_s, z_s, a_s, y_s, m_t, z_t, a_t, y_t``: running max, sum of ``exp(logit - m)``, KL accumulator ``A``
+and target logit, for the policy (s) and the reference (t); the same layout the Triton forward writes.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+NUM_STATS = 8
+M_S, Z_S, A_S, Y_S, M_T, Z_T, A_T, Y_T = range(NUM_STATS)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs; fp64 stays fp64 (used by gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_tau: float) -> torch.Tensor:
+    """``(x @ w^T + b) * inv_tau`` in the accumulation dtype: x [n, d], w [v, d], b [v] -> [n, v]."""
+    acc = accumulation_dtype(x.dtype)
+    s = x.to(acc) @ w.to(acc).T
+    if b is not None:
+        s += b.to(acc)
+    return s.mul_(inv_tau)
+
+
+def chunk_stats(s: torch.Tensor, t: torch.Tensor | None, local_targets: torch.Tensor) -> torch.Tensor:
+    """Statistics ``[NUM_STATS, n]`` of one logits chunk s [n, v] (t [n, v] or None).
+
+    ``local_targets`` [n] index into this chunk; rows whose target lies outside it get target logit 0.
+    """
+    n, v = s.shape
+    stats = s.new_zeros((NUM_STATS, n))
+    in_chunk = (local_targets >= 0) & (local_targets < v)
+    idx = local_targets.clamp(0, v - 1)[:, None]
+
+    m_s = s.amax(dim=1)
+    p = torch.exp(s - m_s[:, None])
+    stats[M_S], stats[Z_S] = m_s, p.sum(dim=1)
+    stats[Y_S] = torch.where(in_chunk, s.gather(1, idx)[:, 0], 0.0)
+    if t is not None:
+        m_t = t.amax(dim=1)
+        q = torch.exp(t - m_t[:, None])
+        stats[M_T], stats[Z_T] = m_t, q.sum(dim=1)
+        stats[Y_T] = torch.where(in_chunk, t.gather(1, idx)[:, 0], 0.0)
+        diff = s - t  # s - t, not s and t apart: the KL is a small difference of O(|logit|) terms
+        stats[A_S] = (p * diff).sum(dim=1)
+        stats[A_T] = -(q * diff).sum(dim=1)
+    return stats
+
+
+def merge_partials(partials: torch.Tensor, has_ref: bool) -> torch.Tensor:
+    """Merge ``[splits, NUM_STATS, n]`` partial statistics over disjoint vocabulary slices into one."""
+    out = partials.new_zeros(partials.shape[1:])
+    sides = ((M_S, Z_S, A_S, Y_S), (M_T, Z_T, A_T, Y_T)) if has_ref else ((M_S, Z_S, A_S, Y_S),)
+    for m, z, a, y in sides:
+        m_all = partials[:, m].amax(dim=0)
+        rescale = torch.exp(partials[:, m] - m_all)
+        out[m] = m_all
+        out[z] = (partials[:, z] * rescale).sum(dim=0)
+        out[a] = (partials[:, a] * rescale).sum(dim=0)
+        out[y] = partials[:, y].sum(dim=0)
+    return out
+
+
+class TokenOutputs(NamedTuple):
+    """Finalised per-token values, and the three statistics the backward needs."""
+
+    logp: torch.Tensor
+    ref_logp: torch.Tensor | None
+    kl_forward: torch.Tensor | None
+    kl_reverse: torch.Tensor | None
+    lse: torch.Tensor
+    ref_lse: torch.Tensor | None
+    expected_diff: torch.Tensor | None  # E_p[s - t]
+
+
+def finalize(stats: torch.Tensor, has_ref: bool) -> TokenOutputs:
+    """Per-token outputs from merged statistics ``[NUM_STATS, n]`` (DESIGN.md section 3)."""
+    lse = stats[M_S] + torch.log(stats[Z_S])
+    logp = stats[Y_S] - lse
+    if not has_ref:
+        return TokenOutputs(logp, None, None, None, lse, None, None)
+    ref_lse = stats[M_T] + torch.log(stats[Z_T])
+    expected_diff = stats[A_S] / stats[Z_S]
+    kl_reverse = expected_diff - lse + ref_lse
+    kl_forward = stats[A_T] / stats[Z_T] - ref_lse + lse
+    return TokenOutputs(logp, stats[Y_T] - ref_lse, kl_forward, kl_reverse, lse, ref_lse, expected_diff)
+
+
+def chunk_dlogits(
+    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
+    lse, ref_lse, expected_diff, grad_logp, grad_kl_forward, grad_kl_reverse, inv_tau, out_dtype,
+) -> torch.Tensor:
+    """PyTorch twin of ``csrc_triton.token_dlogits`` (same arguments, same formula): dS [n, v]."""
+    s = chunk_logits(hidden, weight, bias, inv_tau)
+    p = torch.exp(s - lse[:, None])
+    ds = p * -grad_logp[:, None]
+    v = s.shape[1]
+    in_chunk = (targets >= 0) & (targets < v)
+    ds.scatter_add_(1, targets.clamp(0, v - 1)[:, None], torch.where(in_chunk, grad_logp, 0.0)[:, None])
+    if ref_hidden is not None:
+        t = chunk_logits(ref_hidden, ref_weight, ref_bias, inv_tau)
+        q = torch.exp(t - ref_lse[:, None])
+        ds += grad_kl_forward[:, None] * (p - q)
+        centred_diff = s.sub_(t).sub_(expected_diff[:, None])
+        ds += grad_kl_reverse[:, None] * p * centred_diff
+    return ds.mul_(inv_tau).to(out_dtype)
