@@ -2,7 +2,7 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
-EXTRAS := dev,hf,deepspeed,bench
+EXTRAS := dev,hf,deepspeed,peft,bench
 
 .PHONY: demo test bench clean
 

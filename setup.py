@@ -35,7 +35,7 @@ setup(
         "hf": ["transformers>=4.57", "pillow", "safetensors", "tokenizers"],
         "deepspeed": ["deepspeed>=0.16", "pyyaml", "tqdm"],
         "peft": ["peft"],
-        "bench": ["pytest-benchmark", "matplotlib"],
+        "bench": ["pytest-benchmark", "matplotlib", "liger-kernel"],
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist"],
         # flash-attn ships no wheels on the registry: optional, never needed to import or test.
         "gpu": ["flash-attn"],
