@@ -16,7 +16,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m firempo_kernels_bench.report
+	$(PY) benchmarks/report.py
 
 demo: $(STAMP)
 	$(PY) -m firempo_kernels.integrations.demo
