@@ -124,12 +124,13 @@ class _FusedTokenStats(torch.autograd.Function):
         def dense(g):
             return torch.zeros_like(lse) if g is None else g.to(acc).contiguous()
 
-        # A KL gradient is wanted only if some upstream KL gradient is non-zero; otherwise the
-        # reference logits are never rebuilt.
-        need_ref = ctx.has_ref and any(g is not None and bool(g.any()) for g in (grad_kl_forward, grad_kl_reverse))
+        # The reference logits are rebuilt only for token chunks with a non-zero KL gradient (callers
+        # that want the KL on a few tokens put those first).
         grad_logp = dense(grad_logp)
-        if need_ref:
+        kl_rows = None
+        if ctx.has_ref and (grad_kl_forward is not None or grad_kl_reverse is not None):
             grad_kl_forward, grad_kl_reverse = dense(grad_kl_forward), dense(grad_kl_reverse)
+            kl_rows = ((grad_kl_forward != 0) | (grad_kl_reverse != 0)).cpu()
 
         dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
@@ -144,6 +145,7 @@ class _FusedTokenStats(torch.autograd.Function):
                 w_j = weight[cols].to(operand_dtype)
                 for i in range(0, n, n_chunk):
                     rows = slice(i, i + n_chunk)
+                    need_ref = kl_rows is not None and bool(kl_rows[rows].any())
                     ds = dlogits(
                         hidden[rows], weight[cols], None if bias is None else bias[cols],
                         ref_hidden[rows] if need_ref else None,
