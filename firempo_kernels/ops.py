@@ -178,7 +178,7 @@ def _flatten_and_compact(hidden, targets, ignore_index, *others):
     keep = flat_targets != ignore_index
     flat = [x.reshape(-1, x.shape[-1]) if x is not None else None for x in (hidden, *others)]
     if bool(keep.all()):
-        return flat, flat_targets.to(torch.int64), None
+        return flat, flat_targets.to(torch.int64).contiguous(), None
     index = torch.nonzero(keep)[:, 0]
     flat = [x.index_select(0, index) if x is not None else None for x in flat]
     return flat, flat_targets.index_select(0, index).to(torch.int64), index

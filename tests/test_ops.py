@@ -1,0 +1,276 @@
+"""The core fused ops against the float64 full-logits reference, on both backends."""
+
+import pytest
+import torch
+
+import firempo_kernels as fk
+from firempo_kernels import ops
+from reference import reference_token_kl, rel_err
+
+# fp32: the statistics are sums of V terms in fp32, ~sqrt(V) * 2**-24 relative, far below these bounds;
+# the gradients add one more fp32 product chain (dS @ W), hence the looser of the two.
+VALUE_RTOL, GRAD_RTOL = 1e-5, 1e-4
+
+
+def make_inputs(n, vocab, d, *, ref_d=None, dtype=torch.float32, bias=False, lead=(), scale=1.0):
+    ref_d = d if ref_d is None else ref_d
+    shape = (*lead, n) if lead else (n,)
+    hidden = torch.randn(*shape, d, dtype=dtype)
+    weight = (torch.randn(vocab, d) * scale / d**0.5).to(dtype)
+    ref_hidden = torch.randn(*shape, ref_d, dtype=dtype)
+    ref_weight = (torch.randn(vocab, ref_d) * scale / ref_d**0.5).to(dtype)
+    targets = torch.randint(0, vocab, shape)
+    b = torch.randn(vocab, dtype=dtype) if bias else None
+    rb = torch.randn(vocab, dtype=dtype) if bias else None
+    return hidden, weight, ref_hidden, ref_weight, targets, b, rb
+
+
+def upstream(shape):
+    """Random upstream gradients for the three differentiable outputs."""
+    return torch.randn(shape), torch.randn(shape), torch.randn(shape)
+
+
+def check_token_kl(n, vocab, d, *, bias=False, temperature=1.0, ignore_frac=0.0, lead=(), ref_d=None,
+                   freeze_weight=False, scale=1.0):
+    h, w, rh, rw, y, b, rb = make_inputs(n, vocab, d, bias=bias, lead=lead, ref_d=ref_d, scale=scale)
+    if ignore_frac:
+        y[torch.rand(y.shape) < ignore_frac] = -100
+    leaves = [h.requires_grad_()]
+    if not freeze_weight:
+        leaves.append(w.requires_grad_())
+    if b is not None:
+        leaves.append(b.requires_grad_())
+
+    out = fk.fused_linear_token_kl(h, w, rh, rw, y, bias=b, ref_bias=rb, temperature=temperature)
+    g_lp, g_f, g_r = upstream(y.shape)
+    ((out.logp * g_lp).sum() + (out.kl_forward * g_f).sum() + (out.kl_reverse * g_r).sum()).backward()
+
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    h64 = leaves64[0]
+    w64 = w.detach().double() if freeze_weight else leaves64[1]
+    b64 = leaves64[-1] if b is not None else None
+    ref = reference_token_kl(h64, w64, y, rh.double(), rw.double(), bias=b64,
+                             ref_bias=None if rb is None else rb.double(), temperature=temperature)
+    ((ref[0] * g_lp).sum() + (ref[2] * g_f).sum() + (ref[3] * g_r).sum()).backward()
+
+    for name, got, want in zip(out._fields, out, ref):
+        assert got.dtype == torch.float32 and got.shape == y.shape
+        assert rel_err(got, want) < VALUE_RTOL, name
+    for x, x64 in zip(leaves, leaves64):
+        assert rel_err(x.grad, x64.grad) < GRAD_RTOL
+    if freeze_weight:
+        assert w.grad is None
+    return out, y
+
+
+SHAPES = {
+    "one-token": (1, 40, 16),  # V below one vocabulary block
+    "odd": (37, 300, 48),  # V not a multiple of the block, d not a multiple of BLOCK_D
+    "tall": (70, 130, 32),  # more than one row block
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_token_kl_matches_reference(backend, shape):
+    check_token_kl(*shape)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_kl_bias_temperature(backend, bias, temperature):
+    check_token_kl(21, 200, 24, bias=bias, temperature=temperature)
+
+
+def test_token_kl_ignored_rows_are_zero_and_get_no_gradient(backend):
+    out, y = check_token_kl(33, 150, 16, ignore_frac=0.4, lead=(2,))
+    ignored = y == -100
+    assert ignored.any()
+    for value in out:
+        assert torch.all(value[ignored] == 0)
+
+
+def test_all_rows_ignored(backend):
+    h, w, rh, rw, y, _, _ = make_inputs(5, 50, 16)
+    y.fill_(-100)
+    h.requires_grad_()
+    w.requires_grad_()
+    out = fk.fused_linear_token_kl(h, w, rh, rw, y)
+    sum(o.sum() for o in out[:1] + out[2:]).backward()
+    assert all(torch.all(o == 0) for o in out)
+    assert torch.all(h.grad == 0) and torch.all(w.grad == 0)
+
+
+def test_frozen_head_does_no_weight_gradient_work(backend, monkeypatch):
+    products = []
+    real = ops._accumulate_product
+    monkeypatch.setattr(ops, "_accumulate_product", lambda out, a, b: (products.append(out.shape), real(out, a, b)))
+    check_token_kl(19, 100, 16, freeze_weight=True)
+    assert products and all(shape[0] == 19 for shape in products)  # only dh products, never [V, d]
+
+
+def test_reference_with_its_own_width_and_no_graph(backend):
+    check_token_kl(9, 64, 16, ref_d=24)
+    h, w, rh, rw, y, _, _ = make_inputs(9, 64, 16)
+    rh.requires_grad_()
+    rw.requires_grad_()
+    out = fk.fused_linear_token_kl(h.requires_grad_(), w, rh, rw, y)
+    assert not out.ref_logp.requires_grad
+    (out.logp.sum() + out.kl_forward.sum() + out.kl_reverse.sum()).backward()
+    assert rh.grad is None and rw.grad is None
+
+
+def test_large_logits_stay_finite(backend):
+    out, _ = check_token_kl(12, 90, 16, scale=40.0)
+    assert all(torch.isfinite(o).all() for o in out)
+
+
+@pytest.mark.parametrize("output", ["logp", "kl_forward", "kl_reverse"])
+def test_each_output_alone_carries_its_gradient(backend, output):
+    h, w, rh, rw, y, _, _ = make_inputs(11, 70, 16)
+    h.requires_grad_()
+    getattr(fk.fused_linear_token_kl(h, w, rh, rw, y), output).sum().backward()
+    h64 = h.detach().double().requires_grad_()
+    ref = reference_token_kl(h64, w.double(), y, rh.double(), rw.double())
+    ref[("logp", "ref_logp", "kl_forward", "kl_reverse").index(output)].sum().backward()
+    assert rel_err(h.grad, h64.grad) < GRAD_RTOL
+
+
+def test_identical_models_have_zero_kl(backend):
+    h, w, _, _, y, _, _ = make_inputs(8, 77, 16)
+    out = fk.fused_linear_token_kl(h, w, h, w, y)
+    assert out.kl_forward.abs().max() < 1e-6 and out.kl_reverse.abs().max() < 1e-6
+    assert torch.equal(out.logp, out.ref_logp)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("bias", [False, True])
+def test_logprobs_matches_reference(backend, shape, bias):
+    h, w, _, _, y, b, _ = make_inputs(*shape, bias=bias)
+    y[0] = -100
+    leaves = [h.requires_grad_(), w.requires_grad_()] + ([b.requires_grad_()] if bias else [])
+    logp = fk.fused_linear_logprobs(h, w, y, bias=b, temperature=1.3)
+    g = torch.randn(y.shape)
+    (logp * g).sum().backward()
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    ref = reference_token_kl(leaves64[0], leaves64[1], y, bias=leaves64[2] if bias else None, temperature=1.3)
+    (ref * g).sum().backward()
+    assert logp.dtype == torch.float32 and logp[0] == 0
+    assert rel_err(logp, ref) < VALUE_RTOL
+    for x, x64 in zip(leaves, leaves64):
+        assert rel_err(x.grad, x64.grad) < GRAD_RTOL
+
+
+def test_non_contiguous_inputs(backend):
+    h, w, rh, rw, y, _, _ = make_inputs(20, 90, 32)
+    h_nc = torch.randn(32, 20).T  # transposed view
+    w_nc = torch.randn(90, 64)[:, ::2]  # strided columns
+    y_nc = torch.randint(0, 90, (40,))[::2]
+    got = fk.fused_linear_token_kl(h_nc, w_nc, rh.T.contiguous().T, rw, y_nc)
+    want = fk.fused_linear_token_kl(h_nc.contiguous(), w_nc.contiguous(), rh.contiguous(), rw, y_nc.contiguous())
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_empty_input(backend):
+    h, w, rh, rw, _, _, _ = make_inputs(0, 50, 16)
+    y = torch.zeros(0, dtype=torch.long)
+    h.requires_grad_()
+    w.requires_grad_()
+    out = fk.fused_linear_token_kl(h, w, rh, rw, y)
+    assert all(o.shape == (0,) for o in out)
+    (out.logp.sum() + out.kl_reverse.sum()).backward()
+    assert h.grad.shape == h.shape and torch.all(w.grad == 0)
+    assert fk.fused_linear_logprobs(h, w, y).shape == (0,)
+
+
+# --------------------------------------------------------------------------------------------------
+# Low precision: the error against the float64 truth of the same (rounded) inputs must be no worse than
+# that of the eager same-dtype PyTorch computation, plus a small tolerance (2**-9, one bf16 ulp at 1).
+# --------------------------------------------------------------------------------------------------
+def eager_same_dtype(h, w, rh, rw, y):
+    log_p = torch.log_softmax(h @ w.T, dim=-1)
+    log_q = torch.log_softmax(rh @ rw.T, dim=-1)
+    logp = log_p.gather(-1, y[:, None])[:, 0]
+    return (logp, log_q.gather(-1, y[:, None])[:, 0],
+            (log_q.exp() * (log_q - log_p)).sum(-1), (log_p.exp() * (log_p - log_q)).sum(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_no_worse_than_eager(backend, dtype):
+    h, w, rh, rw, y, _, _ = make_inputs(29, 260, 32, dtype=dtype, scale=4.0)
+    g = upstream(y.shape)
+    results = {}
+    for name, fn in (("fused", lambda *a: fk.fused_linear_token_kl(*a)), ("eager", eager_same_dtype)):
+        hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        out = fn(hh, ww, rh, rw, y)
+        ((out[0] * g[0]).sum() + (out[2] * g[1]).sum() + (out[3] * g[2]).sum()).backward()
+        results[name] = (out, hh.grad, ww.grad)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    ref = reference_token_kl(h64, w64, y, rh.double(), rw.double())
+    ((ref[0] * g[0]).sum() + (ref[2] * g[1]).sum() + (ref[3] * g[2]).sum()).backward()
+    tol = 2.0**-9
+    fused, eager = results["fused"], results["eager"]
+    for i in range(4):
+        assert fused[0][i].dtype == torch.float32
+        assert rel_err(fused[0][i], ref[i]) <= rel_err(eager[0][i], ref[i]) + tol
+    assert rel_err(fused[1], h64.grad) <= rel_err(eager[1], h64.grad) + tol
+    assert rel_err(fused[2], w64.grad) <= rel_err(eager[2], w64.grad) + tol
+
+
+# --------------------------------------------------------------------------------------------------
+# float64 gradcheck of the torch path (the Triton path has no float64).
+# --------------------------------------------------------------------------------------------------
+def test_gradcheck_torch_path(monkeypatch):
+    monkeypatch.setenv("FIREMPO_BACKEND", "torch")
+    h, w, rh, rw, y, b, rb = make_inputs(6, 23, 5, dtype=torch.float64, bias=True)
+    y[2] = -100
+
+    def fn(h, w, b):
+        out = fk.fused_linear_token_kl(h, w, rh, rw, y, bias=b, ref_bias=rb, temperature=0.9)
+        return out.logp, out.kl_forward, out.kl_reverse
+
+    assert torch.autograd.gradcheck(fn, (h.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda h, w: fk.fused_linear_logprobs(h, w, y), (h, w)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory contract: no allocation of N x V elements, forward or backward, on the chunked path.
+# --------------------------------------------------------------------------------------------------
+def test_no_tokens_by_vocab_allocation(monkeypatch):
+    monkeypatch.setenv("FIREMPO_BACKEND", "torch")
+    n, vocab, d = 512, 8192, 32
+    h, w, rh, rw, y, _, _ = make_inputs(n, vocab, d)
+    h.requires_grad_()
+    w.requires_grad_()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fk.fused_linear_token_kl(h, w, rh, rw, y)
+        (out.logp.sum() + out.kl_forward.sum() + out.kl_reverse.sum()).backward()
+    largest = max(e.self_cpu_memory_usage for e in prof.events())
+    assert 0 < largest < n * vocab * 4 / 4  # a quarter of one fp32 N x V tensor at the very most
+
+
+def test_several_chunks_in_both_directions(monkeypatch):
+    """Token and vocabulary chunk boundaries of the chunked path (2048 vocabulary entries per chunk)."""
+    monkeypatch.setenv("FIREMPO_BACKEND", "torch")
+    n_chunk, v_chunk = ops.chunk_shape(300, 5000, torch.device("cpu"))
+    assert n_chunk < 300 and v_chunk < 5000
+    check_token_kl(300, 5000, 16, bias=True)
+
+
+def test_triton_backward_across_a_vocabulary_chunk(monkeypatch):
+    monkeypatch.setenv("FIREMPO_BACKEND", "triton")
+    check_token_kl(17, 2100, 16)
+
+
+def test_triton_backend_runs_the_kernels(monkeypatch):
+    from firempo_kernels import csrc_triton
+
+    calls = []
+    for name in ("token_stats_partials", "token_dlogits"):
+        real = getattr(csrc_triton, name)
+        monkeypatch.setattr(csrc_triton, name, lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    monkeypatch.setenv("FIREMPO_BACKEND", "triton")
+    check_token_kl(5, 70, 16)
+    assert set(calls) == {"token_stats_partials", "token_dlogits"}

@@ -1,0 +1,75 @@
+"""Bad input to the fused ops fails early with an error that names the argument."""
+
+import math
+
+import pytest
+import torch
+
+import firempo_kernels as fk
+
+
+def good(n=4, vocab=10, d=6):
+    return dict(hidden=torch.randn(n, d), weight=torch.randn(vocab, d), ref_hidden=torch.randn(n, d),
+                ref_weight=torch.randn(vocab, d), targets=torch.randint(0, vocab, (n,)))
+
+
+def call(**overrides):
+    args = good()
+    kwargs = {k: overrides.pop(k) for k in ("bias", "ref_bias", "temperature", "ignore_index") if k in overrides}
+    args.update(overrides)
+    return fk.fused_linear_token_kl(args["hidden"], args["weight"], args["ref_hidden"], args["ref_weight"],
+                                    args["targets"], **kwargs)
+
+
+CASES = [
+    (dict(weight=torch.randn(10, 6, 1)), ValueError, "`weight` must have 2 dimension"),
+    (dict(hidden=torch.randn(4, 5)), ValueError, "`hidden` last dimension"),
+    (dict(ref_hidden=torch.randn(4, 5)), ValueError, "`ref_hidden` last dimension"),
+    (dict(hidden=torch.randn(5, 6)), ValueError, "`hidden` must be shaped"),
+    (dict(ref_hidden=torch.randn(3, 6)), ValueError, "`ref_hidden` must be shaped"),
+    (dict(ref_weight=torch.randn(11, 6)), ValueError, "vocabulary size of `weight`"),
+    (dict(hidden=torch.randn(4, 6).double()), TypeError, "`hidden` must have the dtype of `weight`"),
+    (dict(hidden=torch.randint(0, 3, (4, 6)), weight=torch.randint(0, 3, (10, 6))), TypeError, "`weight` must be float32"),
+    (dict(targets=torch.rand(4)), TypeError, "`targets` must be an integer tensor"),
+    (dict(targets=torch.tensor([0, 1, 10, 2])), ValueError, r"`targets` must lie in \[0, 10\)"),
+    (dict(targets=torch.tensor([0, -1, 3, 2])), ValueError, "got -1"),
+    (dict(temperature=0.0), ValueError, "`temperature` must be finite and > 0"),
+    (dict(temperature=-1.0), ValueError, "`temperature`"),
+    (dict(temperature=math.inf), ValueError, "`temperature`"),
+    (dict(temperature=math.nan), ValueError, "`temperature`"),
+    (dict(temperature="1"), TypeError, "`temperature` must be a float"),
+    (dict(bias=torch.randn(9)), ValueError, "`bias` must have shape"),
+    (dict(ref_bias=torch.randn(10).double()), TypeError, "`ref_bias` must have the dtype"),
+    (dict(ref_weight=torch.randn(10, 6).numpy()), TypeError, "`ref_weight` must be a torch.Tensor"),
+    (dict(ignore_index=1.5), TypeError, "`ignore_index` must be an int"),
+    (dict(targets=torch.randint(0, 10, (4,), device="meta")), ValueError, "one device"),
+]
+
+
+@pytest.mark.parametrize("overrides,error,message", CASES)
+def test_bad_input_raises(overrides, error, message):
+    with pytest.raises(error, match=message):
+        call(**overrides)
+
+
+def test_ignore_index_is_not_range_checked():
+    out = call(targets=torch.tensor([0, -100, 3, 9]))
+    assert out.logp[1] == 0
+
+
+def test_logprobs_validates_too():
+    with pytest.raises(ValueError, match="`hidden` last dimension"):
+        fk.fused_linear_logprobs(torch.randn(3, 5), torch.randn(8, 6), torch.zeros(3, dtype=torch.long))
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setenv("FIREMPO_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="FIREMPO_BACKEND must be one of"):
+        call()
+    monkeypatch.setenv("FIREMPO_BACKEND", "triton")
+    with pytest.raises(TypeError, match="float64 runs on FIREMPO_BACKEND=torch"):
+        args = {k: v.double() if v.is_floating_point() else v for k, v in good().items()}
+        fk.fused_linear_token_kl(*args.values())
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1"):
+        call()
