@@ -1,9 +1,11 @@
 """Launch configurations, in one place so the compile-only tests can check every one of them.
 
-Shared memory per pipelined stage of a logits tile is (BLOCK_N + BLOCK_V) * BLOCK_D * itemsize; a kernel
-with a reference side holds two such pipelines. With BLOCK_N=64, BLOCK_V=128 and 3 stages that is
-2 * 3 * 192 * BLOCK_D * itemsize: 147 KB for bf16 at BLOCK_D=64 and the same for fp32 at BLOCK_D=32,
-under both the sm_80 (166912 B) and sm_90 (232448 B) limits. The compile-only tests hold us to that.
+Each kernel has one tile shape per operand class (fp32 vs 16-bit) and row bucket (<= 16, <= 32, more
+tokens; ``tl.dot`` needs at least 16 rows). They were chosen from ptxas reports for sm_90 (see
+benchmarks/TUNING.md) as the largest tiles that compile with no register spills: the forward keeps policy
+and reference tiles, their exponentials and s - t live at once, so it takes narrower tiles than the
+dlogits kernel. Shared memory is far below the sm_80 (166912 B) and sm_90 (232448 B) limits for all of
+them; the compile-only tests hold every entry to both limits and to zero spills.
 """
 
 from dataclasses import dataclass
@@ -22,34 +24,57 @@ class TileConfig:
     num_stages: int
 
 
+KERNELS = ("token_stats_fwd", "token_dlogits_bwd")
+ROW_BUCKETS = (16, 32, 64)
+
+# kernel -> operands are fp32 -> row bucket -> config
+_TABLE = {
+    "token_stats_fwd": {
+        False: {16: TileConfig(16, 64, 64, 8, 3), 32: TileConfig(32, 64, 64, 8, 3), 64: TileConfig(64, 128, 32, 8, 3)},
+        True: {16: TileConfig(16, 64, 32, 8, 3), 32: TileConfig(32, 64, 16, 8, 3), 64: TileConfig(32, 64, 16, 8, 3)},
+    },
+    "token_dlogits_bwd": {
+        False: {16: TileConfig(16, 128, 64, 8, 3), 32: TileConfig(32, 128, 64, 8, 3), 64: TileConfig(64, 128, 64, 8, 3)},
+        True: {16: TileConfig(16, 64, 64, 8, 3), 32: TileConfig(32, 64, 64, 8, 3), 64: TileConfig(64, 64, 64, 8, 3)},
+    },
+}
+
+# Ampere has no warpgroup MMA; its mma.sync accumulators cost more registers, so the 64-row tiles that
+# spill there are narrowed (ptxas on sm_80: 112, 164 and 32 spill bytes before, 0 after).
+_SM80_OVERRIDES = {
+    ("token_stats_fwd", False, 64): TileConfig(64, 64, 32, 8, 3),
+    ("token_dlogits_bwd", False, 64): TileConfig(64, 128, 32, 8, 3),
+    ("token_dlogits_bwd", True, 64): TileConfig(64, 64, 32, 8, 3),
+}
+GPU_ARCHES = (90, 80)
+
 # The interpreter costs ~1.5 ms per tile step whatever the tile size, and has no warps or stages.
 INTERPRETER_CONFIG = TileConfig(block_n=16, block_v=64, block_d=32, num_warps=1, num_stages=1)
 
-# Fewer tokens than this fill at most one row block; below it the block shrinks (tl.dot needs >= 16).
-_FULL_BLOCK_N = 64
+
+def _lookup(kernel: str, fp32: bool, bucket: int, arch: int) -> TileConfig:
+    if arch < 90 and (kernel, fp32, bucket) in _SM80_OVERRIDES:
+        return _SM80_OVERRIDES[kernel, fp32, bucket]
+    return _TABLE[kernel][fp32][bucket]
 
 
-def tile_config(num_tokens: int, dtype: torch.dtype) -> TileConfig:
-    """Tile shape for ``num_tokens`` rows of ``dtype`` operands (forward and dlogits kernels alike)."""
-    if INTERPRETED:
+def tile_config(kernel: str, num_tokens: int, dtype: torch.dtype, device: torch.device) -> TileConfig:
+    """Tile shape for ``kernel`` over ``num_tokens`` rows of ``dtype`` operands on ``device``."""
+    if INTERPRETED or device.type != "cuda":
         return INTERPRETER_CONFIG
-    block_n = _FULL_BLOCK_N
-    while block_n > 16 and block_n // 2 >= num_tokens:
-        block_n //= 2
-    block_d = 32 if dtype == torch.float32 else 64
-    return TileConfig(block_n=block_n, block_v=128, block_d=block_d, num_warps=8, num_stages=3)
+    major, minor = torch.cuda.get_device_capability(device)
+    bucket = next((b for b in ROW_BUCKETS if num_tokens <= b), ROW_BUCKETS[-1])
+    return _lookup(kernel, dtype == torch.float32, bucket, 10 * major + minor)
 
 
-def all_gpu_configs() -> list[tuple[TileConfig, torch.dtype]]:
-    """Every (config, dtype) pair ``tile_config`` can return on a GPU, for the compile-only tests."""
-    seen = []
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        block_n = _FULL_BLOCK_N
-        while block_n >= 16:
-            block_d = 32 if dtype == torch.float32 else 64
-            seen.append((TileConfig(block_n, 128, block_d, 8, 3), dtype))
-            block_n //= 2
-    return seen
+def all_gpu_configs(arch: int) -> list[tuple[str, TileConfig, torch.dtype]]:
+    """Every (kernel, config, dtype) ``tile_config`` can return on sm_``arch``, for the compile-only tests."""
+    return [
+        (kernel, _lookup(kernel, dtype == torch.float32, bucket, arch), dtype)
+        for kernel in KERNELS
+        for dtype in (torch.float32, torch.bfloat16, torch.float16)
+        for bucket in ROW_BUCKETS
+    ]
 
 
 def vocab_splits(num_row_blocks: int, num_vocab_tiles: int, device: torch.device) -> int:

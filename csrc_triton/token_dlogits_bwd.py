@@ -88,7 +88,7 @@ def token_dlogits(
     n, d = hidden.shape
     v = weight.shape[0]
     has_ref = ref_hidden is not None
-    cfg = tile_config(n, hidden.dtype)
+    cfg = tile_config("token_dlogits_bwd", n, hidden.dtype, hidden.device)
     ds = torch.empty((n, v), dtype=torch.float32 if INTERPRETED else out_dtype, device=hidden.device)
     rh = ref_hidden if has_ref else hidden
     rw = ref_weight if has_ref else weight

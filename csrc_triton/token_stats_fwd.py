@@ -109,7 +109,7 @@ def token_stats_partials(
     n, d = hidden.shape
     v = weight.shape[0]
     has_ref = ref_hidden is not None
-    cfg = tile_config(n, hidden.dtype)
+    cfg = tile_config("token_stats_fwd", n, hidden.dtype, hidden.device)
     row_blocks = triton.cdiv(n, cfg.block_n)
     vocab_tiles = triton.cdiv(v, cfg.block_v)
     splits = vocab_splits(row_blocks, vocab_tiles, hidden.device)
