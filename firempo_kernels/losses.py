@@ -109,7 +109,8 @@ def _check_num_examples(fn: str, num_examples_in_batch) -> None:
         return
     if isinstance(num_examples_in_batch, bool) or not isinstance(num_examples_in_batch, int):
         raise TypeError(
-            f"{fn}: `num_examples_in_batch` must be an int or a 0-dim tensor; got {type(num_examples_in_batch).__name__}"
+            f"{fn}: `num_examples_in_batch` must be an int or a 0-dim tensor; "
+            f"got {type(num_examples_in_batch).__name__}"
         )
     if num_examples_in_batch < 1:
         raise ValueError(f"{fn}: `num_examples_in_batch` must be >= 1; got {num_examples_in_batch}")
@@ -178,6 +179,49 @@ def _check_reference(
     return s0
 
 
+class _SpanTokenValues(NamedTuple):
+    """Per span token, in gather order: ``logp`` (with grad), ``ref_logp``, and the two KL directions
+    (None when not computed; non-zero only at the leading (v, y+) tokens when taken from a
+    precomputed reference)."""
+
+    logp: torch.Tensor
+    ref_logp: torch.Tensor
+    kl_forward: torch.Tensor | None
+    kl_reverse: torch.Tensor | None
+
+
+def _evaluate_head(fn, hp, tokens, weight, bias, hidden, ref_hidden, ref_weight, ref_bias, visual):
+    """Run the head on the span tokens only, once per token."""
+    h = gather_rows(hidden, tokens)
+    op_kwargs = {"temperature": hp.temperature, "ignore_index": hp.ignore_index}
+    if not isinstance(ref_hidden, PrecomputedReference):
+        # One call for every block: the reference log-prob is needed at every span token anyway, and
+        # the KL accumulators come free with it. Only the (v, y+) tokens (leading) get a KL gradient.
+        out = fused_linear_token_kl(
+            h, weight, gather_rows(ref_hidden, tokens), ref_weight, tokens.labels,
+            bias=bias, ref_bias=ref_bias, **op_kwargs,
+        )
+        return _SpanTokenValues(out.logp, out.ref_logp, out.kl_forward, out.kl_reverse)
+
+    need_kl = hp.alpha > 0
+    s0 = _check_reference(
+        fn, ref_hidden, tokens, hp.temperature, 4 if visual else 2, ref_weight if need_kl else None
+    )
+    # The gathered tokens are a prefix of the stored ones: unread (v', .) rows come last.
+    ref_logp = ref_hidden.logps[: tokens.index.shape[0]]
+    if not need_kl:
+        logp = fused_linear_logprobs(h, weight, tokens.labels, bias=bias, **op_kwargs)
+        return _SpanTokenValues(logp, ref_logp, None, None)
+    head = fused_linear_token_kl(
+        h[:s0], weight, ref_hidden.hidden, ref_weight, tokens.labels[:s0], bias=bias, ref_bias=ref_bias, **op_kwargs
+    )
+    rest = fused_linear_logprobs(h[s0:], weight, tokens.labels[s0:], bias=bias, **op_kwargs)
+    pad = head.kl_forward.new_zeros(rest.shape[0])
+    return _SpanTokenValues(
+        torch.cat((head.logp, rest)), ref_logp, torch.cat((head.kl_forward, pad)), torch.cat((head.kl_reverse, pad))
+    )
+
+
 def _firempo_loss(
     fn: str,
     hp: _Hyperparameters,
@@ -201,10 +245,10 @@ def _firempo_loss(
     v.check_head(fn, "ref_weight", ref_weight, "ref_bias", ref_bias)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(
-            f"{fn}: `ref_weight` must have the vocabulary size of `weight` ({weight.shape[0]}); got {ref_weight.shape[0]}"
+            f"{fn}: `ref_weight` must have the vocabulary size of `weight` ({weight.shape[0]}); "
+            f"got {ref_weight.shape[0]}"
         )
-    precomputed = isinstance(ref_hidden, PrecomputedReference)
-    if not precomputed:
+    if not isinstance(ref_hidden, PrecomputedReference):
         if not isinstance(ref_hidden, torch.Tensor):
             raise TypeError(
                 f"{fn}: `ref_hidden` must be a torch.Tensor or a PrecomputedReference; got {type(ref_hidden).__name__}"
@@ -212,55 +256,32 @@ def _firempo_loss(
         v.check_hidden(fn, "ref_hidden", ref_hidden, "ref_weight", ref_weight, labels)
     _check_num_examples(fn, num_examples_in_batch)
 
+    # With gamma = 0 the (v', .) rows carry no loss: leave them out rather than run the head on them.
     visual = has_corrupted_image is not None and hp.gamma > 0
     tokens = gather_span_tokens(
         fn, labels, span_weights, has_corrupted_image,
         vocab=weight.shape[0], ignore_index=hp.ignore_index, include_corrupted=visual,
     )
     b, k = tokens.num_examples, tokens.num_blocks
-    h = gather_rows(hidden, tokens)
-    op_kwargs = {"temperature": hp.temperature, "ignore_index": hp.ignore_index}
-    kl_forward = kl_reverse = None
-    if not precomputed:
-        out = fused_linear_token_kl(
-            h, weight, gather_rows(ref_hidden, tokens), ref_weight, tokens.labels,
-            bias=bias, ref_bias=ref_bias, **op_kwargs,
-        )
-        logp, ref_logp, kl_forward, kl_reverse = out
-    else:
-        need_kl = hp.alpha > 0
-        s0 = _check_reference(fn, ref_hidden, tokens, hp.temperature, 4 if visual else 2, ref_weight if need_kl else None)
-        ref_logp = ref_hidden.logps[: tokens.index.shape[0]]
-        if need_kl:
-            head = fused_linear_token_kl(
-                h[:s0], weight, ref_hidden.hidden, ref_weight, tokens.labels[:s0],
-                bias=bias, ref_bias=ref_bias, **op_kwargs,
-            )
-            rest = fused_linear_logprobs(h[s0:], weight, tokens.labels[s0:], bias=bias, **op_kwargs)
-            logp = torch.cat((head.logp, rest))
-            pad = head.kl_forward.new_zeros(rest.shape[0])
-            kl_forward, kl_reverse = torch.cat((head.kl_forward, pad)), torch.cat((head.kl_reverse, pad))
-        else:
-            logp = fused_linear_logprobs(h, weight, tokens.labels, bias=bias, **op_kwargs)
+    values = _evaluate_head(fn, hp, tokens, weight, bias, hidden, ref_hidden, ref_weight, ref_bias, visual)
 
-    acc = logp.dtype
+    acc = values.logp.dtype
     w = tokens.weights.to(acc)
-    ref_logp = ref_logp.to(acc)
+    kl_w = torch.where(tokens.rows < b, w, 0.0)
+    has_kl = values.kl_forward is not None
+    use_kl = has_kl and hp.alpha > 0
     # Detach what the loss does not use, so the backward neither carries nor rebuilds it.
-    columns = [w * logp, w * ref_logp]
-    if kl_forward is not None:
-        kl_w = torch.where(tokens.rows < b, w, 0.0)
-        use_kl = hp.alpha > 0
+    columns = [w * values.logp, w * values.ref_logp.to(acc)]
+    if has_kl:
         columns += [
-            kl_w * (kl_forward if use_kl and hp.lambda_ > 0 else kl_forward.detach()),
-            kl_w * (kl_reverse if use_kl and hp.lambda_ < 1 else kl_reverse.detach()),
+            kl_w * (values.kl_forward if use_kl and hp.lambda_ > 0 else values.kl_forward.detach()),
+            kl_w * (values.kl_reverse if use_kl and hp.lambda_ < 1 else values.kl_reverse.detach()),
         ]
-    sums = logp.new_zeros((k * b, len(columns))).index_add_(0, tokens.rows, torch.stack(columns, dim=1))
+    sums = values.logp.new_zeros((k * b, len(columns))).index_add_(0, tokens.rows, torch.stack(columns, dim=1))
     delta = (sums[:, 0] - sums[:, 1]).reshape(k, b)
 
     rank = -F.logsigmoid(hp.beta * (delta[0] - delta[1]))
-    per_example = rank
-    visual_loss = torch.zeros_like(rank)
+    visual_loss = kl_loss = torch.zeros_like(rank)
     if visual:
         c = tokens.has_corrupted_image.to(acc)
         visual_margin = {
@@ -269,13 +290,10 @@ def _firempo_loss(
             "cross": delta[0] - delta[3],
         }[hp.visual_pairing]
         visual_loss = -hp.gamma * c * F.logsigmoid(hp.beta * visual_margin)
-        per_example = per_example + visual_loss
-    kl_loss = torch.zeros_like(rank)
-    if kl_forward is not None and hp.alpha > 0:
+    if use_kl:
         kl_loss = hp.alpha * (hp.lambda_ * sums[:b, 2] + (1 - hp.lambda_) * sums[:b, 3])
-        per_example = per_example + kl_loss
-    denominator = b if num_examples_in_batch is None else num_examples_in_batch
-    loss = per_example.sum() / denominator
+    per_example = rank + visual_loss + kl_loss
+    loss = per_example.sum() / (b if num_examples_in_batch is None else num_examples_in_batch)
 
     with torch.no_grad():
         metrics = {
@@ -289,10 +307,9 @@ def _firempo_loss(
             "loss/visual": visual_loss.mean(),
             "loss/kl": kl_loss.mean(),
         }
-        if kl_forward is not None:
-            kl_weight = torch.where(tokens.rows < b, w, 0.0).sum()
-            metrics["kl/forward"] = sums[:b, 2].sum() / kl_weight
-            metrics["kl/reverse"] = sums[:b, 3].sum() / kl_weight
+        if has_kl:
+            metrics["kl/forward"] = sums[:b, 2].sum() / kl_w.sum()
+            metrics["kl/reverse"] = sums[:b, 3].sum() / kl_w.sum()
         if visual:
             metrics["visual/margins"] = hp.beta * (c * visual_margin).sum() / c.sum()
         metrics["span_tokens"] = torch.tensor(float(tokens.index.shape[0]), dtype=acc, device=loss.device)

@@ -24,6 +24,7 @@ class SpanTokens(NamedTuple):
     seq_len: int  #: T
     index: torch.Tensor  #: [S] int64 flat positions into the ``[k * B * T]`` batch
     rows: torch.Tensor  #: [S] int64 row of each token, non-decreasing
+    positions: torch.Tensor  #: [S] int64 position of each token in its row
     labels: torch.Tensor  #: [S] int64 target of each token
     weights: torch.Tensor  #: [S] span weight of each token, > 0, the dtype of ``span_weights``
     has_corrupted_image: torch.Tensor | None  #: [B] bool on the batch device, or None when k = 2
@@ -132,6 +133,7 @@ def gather_span_tokens(
         seq_len=seq_len,
         index=index,
         rows=torch.div(index, seq_len, rounding_mode="floor"),
+        positions=index % seq_len,
         labels=gathered,
         weights=span_weights.reshape(-1).index_select(0, index),
         has_corrupted_image=has_corrupted_image,
@@ -140,4 +142,5 @@ def gather_span_tokens(
 
 def gather_rows(x: torch.Tensor, tokens: SpanTokens) -> torch.Tensor:
     """``x`` [k * B, T, d] -> [S, d], the span-token rows in row-major order."""
-    return x.reshape(-1, x.shape[-1]).index_select(0, tokens.index)
+    # Indexing by (row, position) reads any strides; flattening a non-contiguous x would copy all of it.
+    return x[tokens.rows, tokens.positions]

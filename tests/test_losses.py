@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import firempo_kernels.losses as losses_module
 from firempo_kernels import LOSS_PRESETS, FiReMPOLoss, FiReMPOOutput, PrecomputedReference, firempo_loss
 
 IGNORE = -100
@@ -313,7 +314,8 @@ def test_example_without_span_tokens_has_rank_log2_and_no_gradient():
     assert torch.count_nonzero(dh[[2, b + 2, 2 * b + 2, 3 * b + 2]]) == 0
     assert_rel_close(dh, ref_dh, 1e-4)
     # Its rank term is log 2 and its visual term gamma * log 2: it is counted in the mean.
-    assert torch.isclose(terms["rank"][2] + terms["visual"][2], torch.tensor((1 + 0.8) * math.log(2), dtype=torch.float64))
+    gamma = CONFIGS["strong"]["gamma"]
+    assert math.isclose((terms["rank"][2] + terms["visual"][2]).item(), (1 + gamma) * math.log(2), rel_tol=1e-12)
 
 
 def test_batch_without_any_span_token():
@@ -419,6 +421,72 @@ def test_precomputed_reference_stored_per_example_and_collated():
 def test_precomputed_reference_to_device():
     reference = build_reference(make_batch(num_examples=2)).to("cpu")
     assert isinstance(reference, PrecomputedReference) and reference.hidden is not None
+
+
+# ------------------------------------------------------------------------------------------------------
+# What the head runs on
+# ------------------------------------------------------------------------------------------------------
+class HeadSpy:
+    """Records each fused-op call (which op, how many tokens) and the gradients reaching its KL outputs."""
+
+    def __init__(self, monkeypatch):
+        self.calls, self.kl_grads = [], {}
+        real_kl, real_logprobs = losses_module.fused_linear_token_kl, losses_module.fused_linear_logprobs
+
+        def token_kl(hidden, *args, **kwargs):
+            out = real_kl(hidden, *args, **kwargs)
+            self.calls.append(("token_kl", hidden.shape[0]))
+            for name in ("kl_forward", "kl_reverse"):
+                tensor = getattr(out, name)
+                if tensor.requires_grad:
+                    tensor.register_hook(lambda g, name=name: self.kl_grads.__setitem__(name, g))
+            return out
+
+        def logprobs(hidden, *args, **kwargs):
+            self.calls.append(("logprobs", hidden.shape[0]))
+            return real_logprobs(hidden, *args, **kwargs)
+
+        monkeypatch.setattr(losses_module, "fused_linear_token_kl", token_kl)
+        monkeypatch.setattr(losses_module, "fused_linear_logprobs", logprobs)
+
+
+def span_token_counts(batch, visual=True):
+    """(S, S0): span tokens the loss must read, and how many of them are (v, y+) tokens."""
+    w, c = batch["span_weights"] > 0, batch["c"]
+    b = w.shape[0] // (2 if c is None else 4)
+    total = int(w[: 2 * b].sum())
+    if c is not None and visual:
+        total += int(w[2 * b :].reshape(2, b, -1)[:, c].sum())
+    return total, int(w[:b].sum())
+
+
+@pytest.mark.parametrize("config", ["strong", "rrpo", "mask_dpo"])
+def test_live_path_runs_one_fused_call_on_span_tokens_kl_rows_first(monkeypatch, config):
+    batch = make_batch(num_examples=3)
+    spy = HeadSpy(monkeypatch)
+    out = call(loss_for(CONFIGS[config]), batch)
+    out.loss.backward()
+    total, first = span_token_counts(batch, visual=CONFIGS[config].get("gamma", 0.1) > 0)
+    assert spy.calls == [("token_kl", total)]
+    assert out.metrics["span_tokens"] == total
+    lambda_ = CONFIGS[config].get("lambda_", 0.5)
+    with_grad = {"kl_forward": lambda_ > 0, "kl_reverse": lambda_ < 1}
+    if CONFIGS[config].get("alpha", 0.01) == 0:
+        with_grad = {"kl_forward": False, "kl_reverse": False}
+    assert set(spy.kl_grads) == {name for name, on in with_grad.items() if on}
+    for grad in spy.kl_grads.values():  # non-zero exactly on the leading (v, y+) tokens
+        assert bool((grad[:first] != 0).all()) and torch.count_nonzero(grad[first:]) == 0
+
+
+@pytest.mark.parametrize("alpha", [0.4, 0.0])
+def test_precomputed_path_runs_kl_only_on_first_block(monkeypatch, alpha):
+    batch = make_batch(num_examples=3)
+    reference = build_reference(batch, keep_hidden=alpha > 0)
+    spy = HeadSpy(monkeypatch)
+    call(FiReMPOLoss(alpha=alpha), batch, ref=reference).loss.backward()
+    total, first = span_token_counts(batch)
+    expected = [("token_kl", first), ("logprobs", total - first)] if alpha > 0 else [("logprobs", total)]
+    assert spy.calls == expected
 
 
 # ------------------------------------------------------------------------------------------------------
