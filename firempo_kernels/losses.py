@@ -116,6 +116,18 @@ def _check_num_examples(fn: str, num_examples_in_batch) -> None:
         raise ValueError(f"{fn}: `num_examples_in_batch` must be >= 1; got {num_examples_in_batch}")
 
 
+def _check_not_partitioned(fn: str, name: str, weight: torch.Tensor) -> None:
+    # The usual way to get here is reading a ZeRO-3 partitioned lm_head outside the forward of the module
+    # that owns it: the local tensor is an empty placeholder and every shape check downstream would blame
+    # the hidden states instead.
+    v.check_tensor(fn, name, weight)
+    if weight.numel() == 0:
+        raise ValueError(
+            f"{fn}: `{name}` is empty (shape {tuple(weight.shape)}); a ZeRO-3 partitioned head must be read "
+            "inside the forward of the module that owns it, where DeepSpeed has gathered it"
+        )
+
+
 def _check_reference(
     fn: str,
     ref: PrecomputedReference,
@@ -236,12 +248,14 @@ def _firempo_loss(
     ref_bias: torch.Tensor | None,
     num_examples_in_batch: "int | torch.Tensor | None",
 ) -> FiReMPOOutput:
+    _check_not_partitioned(fn, "weight", weight)
     v.check_head(fn, "weight", weight, "bias", bias)
     v.check_tensor(fn, "labels", labels, ndim=2)
     v.check_hidden(fn, "hidden", hidden, "weight", weight, labels)
     if ref_weight is None:
         # A shared head is shared with its bias.
         ref_weight, ref_bias = weight, (bias if ref_bias is None else ref_bias)
+    _check_not_partitioned(fn, "ref_weight", ref_weight)
     v.check_head(fn, "ref_weight", ref_weight, "ref_bias", ref_bias)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(

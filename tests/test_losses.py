@@ -180,6 +180,19 @@ def test_float64_inputs_match_reference_to_rounding(pairing):
     assert_rel_close(dw, ref_dw, 1e-11)
 
 
+def test_bfloat16_inputs_match_reference():
+    # The bf16 inputs are exact in float64 and the torch backend accumulates in fp32, so the loss keeps
+    # fp32 accuracy; the gradients come back in bf16, one rounding (unit roundoff 2**-8) on top.
+    batch = make_batch(num_examples=2, seq_len=6, vocab=64, dtype=torch.bfloat16)
+    out = call(loss_for(CONFIGS["strong"]), batch)
+    terms, ref_dh, ref_dw = reference_loss_and_grads(batch, CONFIGS["strong"])
+    dh, dw = grads(out, batch)
+    assert out.loss.dtype == torch.float32 and dh.dtype == dw.dtype == torch.bfloat16
+    assert_rel_close(out.loss, terms["loss"], 1e-5)
+    assert_rel_close(dh, ref_dh, 2**-8 + 1e-4)
+    assert_rel_close(dw, ref_dw, 2**-8 + 1e-4)
+
+
 @pytest.mark.parametrize("shared_head", [True, False], ids=["shared_head", "separate_heads"])
 def test_bias_gradient_and_head_options(shared_head):
     batch = make_batch(num_examples=2, separate_ref_head=not shared_head)
@@ -536,6 +549,8 @@ def with_(batch, **changes):
     (lambda b: with_(b, ref_hidden=b["ref_hidden"].numpy()), TypeError, "`ref_hidden` must be a torch.Tensor"),
     (lambda b: with_(b, ref_weight=b["ref_weight"][:-1], ref_bias=b["ref_bias"][:-1]), ValueError, "vocabulary"),
     (lambda b: with_(b, bias=b["bias"][:-1]), ValueError, "`bias`"),
+    (lambda b: with_(b, weight=torch.empty(0), bias=None), ValueError, "`weight` is empty"),
+    (lambda b: with_(b, ref_weight=torch.empty(0), ref_bias=None), ValueError, "`ref_weight` is empty"),
 ])
 def test_bad_batches_raise(change, error, match):
     batch = make_batch(num_examples=2, vocab=40)
