@@ -143,14 +143,17 @@ def _check_reference(
             f"{fn}: `ref_hidden` (a PrecomputedReference) holds log-probs at temperature {ref.temperature}; "
             f"this loss uses temperature {temperature}"
         )
-    expected_shape = (tokens.num_blocks, tokens.num_examples)
+    # Blocks are stored in order, so a reference built with the (v', .) blocks also serves a batch that
+    # reads only the first two (no v' rows, or gamma = 0): the tokens read are a prefix of the stored ones.
     v.check_tensor(fn, "ref_hidden.row_counts", ref.row_counts, ndim=2)
-    if tuple(ref.row_counts.shape) != expected_shape:
+    stored_blocks, stored_examples = ref.row_counts.shape
+    if stored_examples != tokens.num_examples or stored_blocks < blocks_read:
         raise ValueError(
-            f"{fn}: `ref_hidden` (a PrecomputedReference) must have row_counts of shape [k, B] = "
-            f"{list(expected_shape)} for this batch; got {list(ref.row_counts.shape)}"
+            f"{fn}: `ref_hidden` (a PrecomputedReference) must have row_counts of shape [k, B] with "
+            f"B = {tokens.num_examples} and k >= {blocks_read} (the blocks this batch reads); "
+            f"got {list(ref.row_counts.shape)}"
         )
-    counts = tokens.row_counts().reshape(expected_shape).cpu()
+    counts = tokens.row_counts().reshape(tokens.num_blocks, tokens.num_examples).cpu()
     stored = ref.row_counts.cpu()
     differ = counts[:blocks_read] != stored[:blocks_read]
     if bool(differ.any()):

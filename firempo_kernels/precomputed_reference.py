@@ -23,6 +23,8 @@ class PrecomputedReference(NamedTuple):
     Span tokens are ordered row-major over the ``[k * B, T]`` batch (block, then example, then position),
     the order in which the loss gathers them. Build it with :meth:`from_reference_forward`; pass it to the
     loss in place of ``ref_hidden``, with the same ``labels``, ``span_weights`` and ``has_corrupted_image``.
+    One built with the (v', .) blocks also serves the same examples without them (a batch of the first two
+    blocks only, or a loss with gamma = 0).
     """
 
     logps: torch.Tensor
