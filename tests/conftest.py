@@ -4,14 +4,24 @@ The Triton kernels are decorated at import time, and the decorator picks the int
 TRITON_INTERPRET=1 is already set: so it is set here, before anything imports triton. Tests then run the
 Triton path on CPU tensors with ``FIREMPO_BACKEND=triton`` (see the ``backend`` fixture); the compile-only
 tests, which need real JIT functions, run in a subprocess without the variable.
+
+Random inputs are fresh in every session: each test is seeded from a session seed and its own name, and the
+session seed is printed in the header. ``FIREMPO_TEST_SEED=<int>`` replays a session.
 """
 
 import os
+import zlib
 
 os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+SESSION_SEED = int(os.environ.get("FIREMPO_TEST_SEED", int.from_bytes(os.urandom(3), "little")))
+
+
+def pytest_report_header(config):
+    return f"FIREMPO_TEST_SEED={SESSION_SEED}"
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -22,6 +32,5 @@ def backend(request, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_seed():
-    """Each test draws its own fresh random inputs, reproducibly."""
-    torch.manual_seed(int.from_bytes(os.urandom(4), "little") if os.environ.get("FIREMPO_RANDOM_SEED") else 1234)
+def _seed(request):
+    torch.manual_seed(SESSION_SEED + zlib.crc32(request.node.nodeid.encode()))
