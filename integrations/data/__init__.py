@@ -1,0 +1,64 @@
+"""Preference data the way FiRe-MPO builds it: records, tags, pairs, lesion corruption, datasets.
+
+    records      JSONL formats and validating loaders (every bad record reported at once)
+    tags         <mask> span tags; span weights aligned with any fast tokenizer by offsets
+    diff         word-level diff that tags exactly the differing phrases of two answers
+    editors      judge-and-edit interface; rule-based and LLM-backed editors
+    build_pairs  on-policy pairs: greedy answers, edits, the paper's chosen/rejected policy
+    corrupt      lesion noise (sigma 45 in the mask, 12 on the whole image without one), seeded per id
+    dataset      records -> trainer examples (PreferenceExample)
+    synthetic    deterministic synthetic medical VQA set (the embedded default)
+    embedded     offline word-level tokenizer, processor and tiny random Llava
+"""
+
+from .build_pairs import GreedyAnswerer, PairStats, make_pair, make_pairs
+from .corrupt import corrupt_array, corrupt_records, lesion_region, record_seed
+from .dataset import PreferenceDataset, PromptEncoder, load_image
+from .diff import TaggedPair, tag_differences
+from .editors import Edit, Editor, LLMEditor, RuleBasedEditor, load_editor
+from .records import (
+    PreferenceRecord,
+    QARecord,
+    RecordProblem,
+    RecordValidationError,
+    as_preference,
+    load_preference_records,
+    load_qa_records,
+    write_records,
+)
+from .tags import EncodedResponse, SpanAlignmentError, TagError, TaggedText, encode_response, parse_tags
+
+__all__ = [
+    "Edit",
+    "Editor",
+    "EncodedResponse",
+    "GreedyAnswerer",
+    "LLMEditor",
+    "PairStats",
+    "PreferenceDataset",
+    "PreferenceRecord",
+    "PromptEncoder",
+    "QARecord",
+    "RecordProblem",
+    "RecordValidationError",
+    "RuleBasedEditor",
+    "SpanAlignmentError",
+    "TagError",
+    "TaggedPair",
+    "TaggedText",
+    "as_preference",
+    "corrupt_array",
+    "corrupt_records",
+    "encode_response",
+    "lesion_region",
+    "load_editor",
+    "load_image",
+    "load_preference_records",
+    "load_qa_records",
+    "make_pair",
+    "make_pairs",
+    "parse_tags",
+    "record_seed",
+    "tag_differences",
+    "write_records",
+]
