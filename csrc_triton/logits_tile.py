@@ -15,6 +15,25 @@ def dot_precision(dtype) -> str:
     return "ieee" if str(dtype).endswith("float32") else "tf32"
 
 
+def head_operands(hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
+    """The operand arguments every kernel takes: six pointers, eight strides, and the matching constexprs.
+
+    Absent operands are stood in for by present ones of the same dtype; the constexpr flags keep the
+    kernel from reading them.
+    """
+    has_ref = ref_hidden is not None
+    rh = ref_hidden if has_ref else hidden
+    rw = ref_weight if has_ref else weight
+    pointers = (hidden, weight, weight if bias is None else bias, rh, rw, rw if ref_bias is None else ref_bias)
+    strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+               rh.stride(0), rh.stride(1), rw.stride(0), rw.stride(1))
+    constexprs = dict(
+        HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=ref_bias is not None,
+        UPCAST_DOT=INTERPRETED, PRECISION=dot_precision(hidden.dtype), REF_PRECISION=dot_precision(rh.dtype),
+    )
+    return pointers, strides, constexprs
+
+
 @triton.jit
 def logits_tile(
     x_ptr, w_ptr, b_ptr,

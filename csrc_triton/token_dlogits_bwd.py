@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .configs import tile_config
-from .logits_tile import INTERPRETED, dot_precision, logits_tile
+from .logits_tile import INTERPRETED, head_operands, logits_tile
 
 
 @triton.jit
@@ -90,26 +90,18 @@ def token_dlogits(
     has_ref = ref_hidden is not None
     cfg = tile_config("token_dlogits_bwd", n, hidden.dtype, hidden.device)
     ds = torch.empty((n, v), dtype=torch.float32 if INTERPRETED else out_dtype, device=hidden.device)
-    rh = ref_hidden if has_ref else hidden
-    rw = ref_weight if has_ref else weight
-    unused = lse  # any fp32 [n] pointer stands in for the statistics a policy-only gradient never reads
+    pointers, strides, constexprs = head_operands(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    unused = lse  # stands in for the statistics a policy-only gradient never reads
     grid = (triton.cdiv(n, cfg.block_n), triton.cdiv(v, cfg.block_v))
     _token_dlogits_kernel[grid](
-        hidden, weight, bias if bias is not None else weight,
-        rh, rw, ref_bias if ref_bias is not None else rw,
-        targets,
+        *pointers, targets,
         lse, ref_lse if has_ref else unused, expected_diff if has_ref else unused,
         grad_logp, grad_kl_forward if has_ref else unused, grad_kl_reverse if has_ref else unused,
         ds,
-        n, v, d, rh.shape[1],
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        rh.stride(0), rh.stride(1), rw.stride(0), rw.stride(1),
-        ds.stride(0), ds.stride(1),
+        n, v, d, pointers[3].shape[1],
+        *strides, ds.stride(0), ds.stride(1),
         inv_tau,
-        HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=ref_bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        UPCAST_DOT=INTERPRETED, PRECISION=dot_precision(hidden.dtype),
-        REF_PRECISION=dot_precision(rh.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
     )
     return ds

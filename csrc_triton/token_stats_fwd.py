@@ -11,12 +11,26 @@ import triton
 import triton.language as tl
 
 from .configs import tile_config, vocab_splits
-from .logits_tile import INTERPRETED, dot_precision, logits_tile
+from .logits_tile import head_operands, logits_tile
 
-# Rows of the partial-statistics tensor [splits, NUM_STATS, N]; the reference rows stay unwritten
-# when there is no reference.
-M_S, Z_S, A_S, Y_S, M_T, Z_T, A_T, Y_T = range(8)
+# Rows of the partial-statistics tensor [splits, NUM_STATS, N], in the layout of
+# firempo_kernels.token_stats: m, z, A, target logit for the policy, then for the reference (left
+# unwritten when there is none).
 NUM_STATS = 8
+
+
+@triton.jit
+def _online_logsumexp_step(x, v_mask, is_target, m, z, target_logit):
+    """Fold one tile of logits into the running max ``m``, sum ``z`` and target logit.
+
+    Returns them with the tile's ``exp(x - m_new)`` (0 outside the vocabulary) and the factor by which
+    sums over earlier tiles must be rescaled.
+    """
+    target_logit += tl.sum(tl.where(is_target, x, 0.0), axis=1)
+    m_new = tl.maximum(m, tl.max(tl.where(v_mask[None, :], x, float("-inf")), axis=1))
+    e = tl.where(v_mask[None, :], tl.exp(x - m_new[:, None]), 0.0)
+    rescale = tl.exp(m - m_new)
+    return m_new, z * rescale + tl.sum(e, axis=1), target_logit, e, rescale
 
 
 @triton.jit
@@ -57,29 +71,19 @@ def _token_stats_fwd_kernel(
         s = logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask, D,
                         stride_hn, stride_hd, stride_wv, stride_wd, inv_tau,
                         HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, PRECISION)
-        y_s += tl.sum(tl.where(is_target, s, 0.0), axis=1)
-        m_s_new = tl.maximum(m_s, tl.max(tl.where(v_mask[None, :], s, float("-inf")), axis=1))
-        p = tl.where(v_mask[None, :], tl.exp(s - m_s_new[:, None]), 0.0)
-        rescale_s = tl.exp(m_s - m_s_new)
-        z_s = z_s * rescale_s + tl.sum(p, axis=1)
-        m_s = m_s_new
+        m_s, z_s, y_s, p, rescale_s = _online_logsumexp_step(s, v_mask, is_target, m_s, z_s, y_s)
 
         if HAS_REF:
             t = logits_tile(rh_ptr, rw_ptr, rb_ptr, offs_n, offs_v, n_mask, v_mask, RD,
                             stride_rhn, stride_rhd, stride_rwv, stride_rwd, inv_tau,
                             HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, REF_PRECISION)
-            y_t += tl.sum(tl.where(is_target, t, 0.0), axis=1)
-            m_t_new = tl.maximum(m_t, tl.max(tl.where(v_mask[None, :], t, float("-inf")), axis=1))
-            q = tl.where(v_mask[None, :], tl.exp(t - m_t_new[:, None]), 0.0)
-            rescale_t = tl.exp(m_t - m_t_new)
-            z_t = z_t * rescale_t + tl.sum(q, axis=1)
-            m_t = m_t_new
+            m_t, z_t, y_t, q, rescale_t = _online_logsumexp_step(t, v_mask, is_target, m_t, z_t, y_t)
             # s - t, not s and t apart: the KL is a small difference of O(|logit|) terms.
             diff = s - t
             a_s = a_s * rescale_s + tl.sum(p * diff, axis=1)
             a_t = a_t * rescale_t - tl.sum(q * diff, axis=1)
 
-    out = stats_ptr + pid_split * stride_split + offs_n
+    out = stats_ptr + pid_split.to(tl.int64) * stride_split + offs_n
     tl.store(out + 0 * stride_stat, m_s, mask=n_mask)
     tl.store(out + 1 * stride_stat, z_s, mask=n_mask)
     tl.store(out + 2 * stride_stat, a_s, mask=n_mask)
@@ -108,7 +112,6 @@ def token_stats_partials(
     """
     n, d = hidden.shape
     v = weight.shape[0]
-    has_ref = ref_hidden is not None
     cfg = tile_config("token_stats_fwd", n, hidden.dtype, hidden.device)
     row_blocks = triton.cdiv(n, cfg.block_n)
     vocab_tiles = triton.cdiv(v, cfg.block_v)
@@ -117,21 +120,13 @@ def token_stats_partials(
     splits = triton.cdiv(v, vocab_per_split)  # every split owns at least one tile
 
     stats = torch.empty((splits, NUM_STATS, n), dtype=torch.float32, device=hidden.device)
-    rh = ref_hidden if has_ref else hidden
-    rw = ref_weight if has_ref else weight
+    pointers, strides, constexprs = head_operands(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
     _token_stats_fwd_kernel[(row_blocks, splits)](
-        hidden, weight, bias if bias is not None else weight,
-        rh, rw, ref_bias if ref_bias is not None else rw,
-        targets, stats,
-        n, v, d, rh.shape[1], vocab_per_split,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        rh.stride(0), rh.stride(1), rw.stride(0), rw.stride(1),
-        stats.stride(0), stats.stride(1),
+        *pointers, targets, stats,
+        n, v, d, pointers[3].shape[1], vocab_per_split,
+        *strides, stats.stride(0), stats.stride(1),
         inv_tau,
-        HAS_BIAS=bias is not None, HAS_REF=has_ref, HAS_REF_BIAS=ref_bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        UPCAST_DOT=INTERPRETED, PRECISION=dot_precision(hidden.dtype),
-        REF_PRECISION=dot_precision(rh.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
     )
     return stats
