@@ -17,6 +17,7 @@ import firempo_kernels.losses as losses_module
 from firempo_kernels import LOSS_PRESETS, FiReMPOLoss, FiReMPOOutput, PrecomputedReference, firempo_loss
 
 IGNORE = -100
+LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
 PAIRINGS = ("reversed", "same_response", "cross")
 # The paper's presets, plus a configuration with every term large, so that an error in any one of them
 # shows in the gradients well above the tolerance.
@@ -138,12 +139,19 @@ def grads(out, batch):
     return torch.autograd.grad(out.loss, (batch["hidden"], batch["weight"]))
 
 
-def assert_rel_close(actual, expected, rtol):
-    """|actual - expected| <= rtol * max|expected|, entrywise."""
-    actual, expected = actual.double(), expected.double()
-    scale = expected.abs().max().clamp_min(1e-30)
+def assert_rel_close(actual, expected, rtol, scale=None):
+    """|actual - expected| <= rtol * max(max|expected|, scale), entrywise."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    scale = max(float(expected.abs().max()), scale or 0.0, 1e-30)
     err = (actual - expected).abs().max()
     assert err <= rtol * scale, f"max error {err:.3e} > {rtol} * {scale:.3e}"
+
+
+def metric_scale(metrics, config):
+    """Magnitude of the span log-prob sums a metric is built from: margins and rewards are differences of
+    such sums (times beta) and inherit their absolute rounding error, however small the difference."""
+    beta = {**DEFAULTS, **CONFIGS[config]}["beta"]
+    return beta * float(metrics["logps/chosen"].abs() + metrics["logps/rejected"].abs())
 
 
 def loss_for(config, pairing="reversed"):
@@ -162,9 +170,9 @@ def test_loss_and_grads_match_reference(config, pairing, corrupted):
     terms, ref_dh, ref_dw = reference_loss_and_grads(batch, CONFIGS[config], pairing)
     dh, dw = grads(out, batch)
     assert out.loss.dtype == torch.float32 and out.loss.shape == ()
-    assert_rel_close(out.loss, terms["loss"], 1e-5)
-    assert_rel_close(dh, ref_dh, 1e-4)
-    assert_rel_close(dw, ref_dw, 1e-4)
+    assert_rel_close(out.loss, terms["loss"], LOSS_RTOL)
+    assert_rel_close(dh, ref_dh, GRAD_RTOL)
+    assert_rel_close(dw, ref_dw, GRAD_RTOL)
 
 
 @pytest.mark.parametrize("pairing", PAIRINGS)
@@ -188,9 +196,9 @@ def test_bfloat16_inputs_match_reference():
     terms, ref_dh, ref_dw = reference_loss_and_grads(batch, CONFIGS["strong"])
     dh, dw = grads(out, batch)
     assert out.loss.dtype == torch.float32 and dh.dtype == dw.dtype == torch.bfloat16
-    assert_rel_close(out.loss, terms["loss"], 1e-5)
-    assert_rel_close(dh, ref_dh, 2**-8 + 1e-4)
-    assert_rel_close(dw, ref_dw, 2**-8 + 1e-4)
+    assert_rel_close(out.loss, terms["loss"], LOSS_RTOL)
+    assert_rel_close(dh, ref_dh, 2**-8 + GRAD_RTOL)
+    assert_rel_close(dw, ref_dw, 2**-8 + GRAD_RTOL)
 
 
 @pytest.mark.parametrize("shared_head", [True, False], ids=["shared_head", "separate_heads"])
@@ -207,7 +215,7 @@ def test_bias_gradient_and_head_options(shared_head):
         batch["c"], ref_weight=batch.get("ref_weight"), bias=bias, ref_bias=batch.get("ref_bias"), **hp,
     )
     (ref_db,) = torch.autograd.grad(terms["loss"], bias)
-    assert_rel_close(db, ref_db, 1e-4)
+    assert_rel_close(db, ref_db, GRAD_RTOL)
 
 
 def test_frozen_head_gets_no_gradient_and_hidden_grad_is_unchanged():
@@ -218,7 +226,7 @@ def test_frozen_head_gets_no_gradient_and_hidden_grad_is_unchanged():
     out.loss.backward()
     assert batch["weight"].grad is None and batch["bias"].grad is None
     _, ref_dh, _ = reference_loss_and_grads(batch, {})
-    assert_rel_close(batch["hidden"].grad, ref_dh, 1e-4)
+    assert_rel_close(batch["hidden"].grad, ref_dh, GRAD_RTOL)
 
 
 def test_metrics_match_reference():
@@ -256,7 +264,7 @@ def test_metrics_match_reference():
     assert set(out.metrics) == set(expected)
     for name, value in expected.items():
         assert not out.metrics[name].requires_grad, name
-        assert_rel_close(out.metrics[name], value, 1e-5)
+        assert_rel_close(out.metrics[name], value, LOSS_RTOL, metric_scale(expected, "strong"))
     parts = out.metrics["loss/rank"] + out.metrics["loss/visual"] + out.metrics["loss/kl"]
     assert_rel_close(parts, out.loss.detach(), 1e-6)
 
@@ -292,9 +300,9 @@ def test_dpo_preset_equals_sigmoid_dpo_on_sequence_logps():
     dpo = -F.logsigmoid(beta * (chosen - rejected)).mean()
     ref_dh, ref_dw = torch.autograd.grad(dpo, (hidden, weight))
     dh, dw = grads(out, batch)
-    assert_rel_close(out.loss, dpo, 1e-5)
-    assert_rel_close(dh, ref_dh, 1e-4)
-    assert_rel_close(dw, ref_dw, 1e-4)
+    assert_rel_close(out.loss, dpo, LOSS_RTOL)
+    assert_rel_close(dh, ref_dh, GRAD_RTOL)
+    assert_rel_close(dw, ref_dw, GRAD_RTOL)
 
 
 def test_presets_and_functional_twin():
@@ -322,10 +330,10 @@ def test_example_without_span_tokens_has_rank_log2_and_no_gradient():
     batch["span_weights"][[2, b + 2, 2 * b + 2, 3 * b + 2]] = 0.0  # example 2: no span token in any row
     out = call(loss_for(CONFIGS["strong"]), batch)
     terms, ref_dh, _ = reference_loss_and_grads(batch, CONFIGS["strong"])
-    assert_rel_close(out.loss, terms["loss"], 1e-5)
+    assert_rel_close(out.loss, terms["loss"], LOSS_RTOL)
     dh, _ = grads(out, batch)
     assert torch.count_nonzero(dh[[2, b + 2, 2 * b + 2, 3 * b + 2]]) == 0
-    assert_rel_close(dh, ref_dh, 1e-4)
+    assert_rel_close(dh, ref_dh, GRAD_RTOL)
     # Its rank term is log 2 and its visual term gamma * log 2: it is counted in the mean.
     gamma = CONFIGS["strong"]["gamma"]
     assert math.isclose((terms["rank"][2] + terms["visual"][2]).item(), (1 + gamma) * math.log(2), rel_tol=1e-12)
@@ -372,9 +380,9 @@ def test_micro_batches_with_num_examples_sum_to_full_batch(as_tensor):
         g_hidden, g_weight = torch.autograd.grad(out.loss, (hidden, batch["weight"]))
         dh += g_hidden
         dw += g_weight
-    assert_rel_close(loss_sum, full.loss.detach(), 1e-6)
-    assert_rel_close(dh, full_dh, 1e-6)
-    assert_rel_close(dw, full_dw, 1e-6)
+    assert_rel_close(loss_sum, full.loss.detach(), LOSS_RTOL)
+    assert_rel_close(dh, full_dh, GRAD_RTOL)
+    assert_rel_close(dw, full_dw, GRAD_RTOL)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -403,13 +411,13 @@ def test_precomputed_reference_equals_live(config, corrupted, keep_hidden):
     assert (reference.hidden is not None) == keep_hidden
     stored = call(loss_fn, batch, ref=reference)
     dh, dw = grads(stored, batch)
-    assert_rel_close(stored.loss, live.loss, 1e-6)
-    assert_rel_close(dh, live_dh, 1e-6)
-    assert_rel_close(dw, live_dw, 1e-6)
+    assert_rel_close(stored.loss, live.loss, LOSS_RTOL)
+    assert_rel_close(dh, live_dh, GRAD_RTOL)
+    assert_rel_close(dw, live_dw, GRAD_RTOL)
     expected_keys = set(live.metrics) - ({"kl/forward", "kl/reverse"} if not keep_hidden else set())
     assert set(stored.metrics) == expected_keys
     for name in expected_keys:
-        assert_rel_close(stored.metrics[name], live.metrics[name], 1e-6)
+        assert_rel_close(stored.metrics[name], live.metrics[name], LOSS_RTOL, metric_scale(live.metrics, config))
 
 
 def test_reference_with_corrupted_blocks_serves_a_batch_without_them():
@@ -420,8 +428,8 @@ def test_reference_with_corrupted_blocks_serves_a_batch_without_them():
     loss_fn = FiReMPOLoss.rrpo()
     live = call(loss_fn, clean)
     stored = call(loss_fn, clean, ref=reference)
-    assert_rel_close(stored.loss, live.loss, 1e-6)
-    assert_rel_close(grads(stored, clean)[0], grads(live, clean)[0], 1e-6)
+    assert_rel_close(stored.loss, live.loss, LOSS_RTOL)
+    assert_rel_close(grads(stored, clean)[0], grads(live, clean)[0], GRAD_RTOL)
     with pytest.raises(ValueError, match="k >= 4"):
         call(FiReMPOLoss(), batch, ref=build_reference(clean))
 
@@ -434,6 +442,7 @@ def test_precomputed_reference_stored_per_example_and_collated():
     for joined in (PrecomputedReference.collate(pieces),
                    PrecomputedReference.collate([build_reference(rows_of(batch, [i], 3)) for i in range(3)])):
         assert torch.equal(joined.row_counts, whole.row_counts)
+        # Per-token log-probs from a differently grouped head call: a few fp32 roundings of the ~10-sized lse.
         torch.testing.assert_close(joined.logps, whole.logps, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(joined.hidden, whole.hidden, rtol=0, atol=0)
 
@@ -525,11 +534,11 @@ def test_matches_reference_on_each_backend(backend):
     out = call(loss_for(config), batch)
     terms, ref_dh, ref_dw = reference_loss_and_grads(batch, config)
     dh, dw = grads(out, batch)
-    assert_rel_close(out.loss, terms["loss"], 1e-5)
-    assert_rel_close(dh, ref_dh, 1e-4)
-    assert_rel_close(dw, ref_dw, 1e-4)
+    assert_rel_close(out.loss, terms["loss"], LOSS_RTOL)
+    assert_rel_close(dh, ref_dh, GRAD_RTOL)
+    assert_rel_close(dw, ref_dw, GRAD_RTOL)
     stored = call(loss_for(config), batch, ref=build_reference(batch, temperature=config["temperature"]))
-    assert_rel_close(stored.loss, out.loss.detach(), 1e-6)
+    assert_rel_close(stored.loss, out.loss.detach(), LOSS_RTOL)
 
 
 # ------------------------------------------------------------------------------------------------------
