@@ -151,7 +151,7 @@ def metric_scale(metrics, config):
     """Magnitude of the span log-prob sums a metric is built from: margins and rewards are differences of
     such sums (times beta) and inherit their absolute rounding error, however small the difference."""
     beta = {**DEFAULTS, **CONFIGS[config]}["beta"]
-    return beta * float(metrics["logps/chosen"].abs() + metrics["logps/rejected"].abs())
+    return beta * float(metrics["logps/chosen"].detach().abs() + metrics["logps/rejected"].detach().abs())
 
 
 def loss_for(config, pairing="reversed"):
