@@ -1,0 +1,310 @@
+"""Precomputed reference: one reference pass over the data, stored as safetensors shards beside it, so
+training runs no reference model at all (four model passes per example instead of eight).
+
+Per example the store holds what the FiRe-MPO loss reads from the reference (see
+:class:`firempo_kernels.precomputed_reference.PrecomputedReference`): the reference log-prob at every span
+token of the four blocks, the span-token count of each row, and the reference hidden states at the (v, y+)
+span tokens (the token KL rebuilds the reference distribution from them; nothing of size V is stored).
+That is a few KB to a few MB per example.
+
+Layout of a store directory::
+
+    index.json                        {"metadata": {...}, "examples": {example_id: shard file}}
+    reference_head.safetensors        "weight" [V, d'] (+ "bias" [V]): the reference head, for the KL
+    reference-r000-00000.safetensors  "<example_id>/logps" [S], "<example_id>/row_counts" [k, 1],
+    reference-r001-00000.safetensors  "<example_id>/hidden" [S0, d] (when kept)
+    ...
+
+Build it with :func:`precompute_reference` (every rank writes its own shards; rank 0 writes the index) or
+``firempo-train --config run.yaml --precompute-reference``; read it with :class:`PrecomputedReferenceStore`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from firempo_kernels.precomputed_reference import PrecomputedReference
+
+from .batch import PreferenceBatch
+from .models import get_adapter
+from .trainer import block_hidden_states, block_targets, is_peft_model
+
+__all__ = ["PrecomputedReferenceStore", "ReferenceShardWriter", "precompute_reference", "STORE_FORMAT"]
+
+STORE_FORMAT = 1
+_INDEX = "index.json"
+_HEAD = "reference_head.safetensors"
+
+
+def _key(example_id: str, name: str) -> str:
+    return f"{example_id}/{name}"
+
+
+class ReferenceShardWriter:
+    """Writes per-example references into safetensors shards of about ``shard_bytes`` each (one rank's part).
+
+    Args:
+        directory: the store directory (created).
+        rank: this process's rank (shard names carry it, so ranks never write the same file).
+        shard_bytes: start a new shard once the current one holds this much.
+    """
+
+    def __init__(self, directory: str | os.PathLike, rank: int = 0, shard_bytes: int = 1 << 30) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.rank, self.shard_bytes = rank, shard_bytes
+        self.examples: dict[str, str] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards = 0
+        self.temperature: float | None = None
+
+    def add(self, example_id: str, reference: PrecomputedReference) -> None:
+        """Queue one example's reference (``row_counts`` of shape [k, 1]); a repeated id is ignored."""
+        if self.temperature is None:
+            self.temperature = reference.temperature
+        elif reference.temperature != self.temperature:
+            raise ValueError(
+                f"ReferenceShardWriter.add: one store holds one temperature ({self.temperature}); example "
+                f"{example_id!r} has {reference.temperature}"
+            )
+        if reference.num_examples != 1:
+            raise ValueError(
+                f"ReferenceShardWriter.add: `reference` must hold one example; got {reference.num_examples}"
+            )
+        if example_id in self.examples or _key(example_id, "logps") in self._pending:
+            return  # a distributed sampler pads the last batch with repeats
+        tensors = {
+            _key(example_id, "logps"): reference.logps.detach().to("cpu", torch.float32).contiguous(),
+            _key(example_id, "row_counts"): reference.row_counts.detach().to("cpu", torch.int64).contiguous(),
+        }
+        if reference.hidden is not None:
+            tensors[_key(example_id, "hidden")] = reference.hidden.detach().cpu().contiguous()
+        self._pending.update(tensors)
+        self._pending_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        if self._pending_bytes >= self.shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued examples to a new shard."""
+        if not self._pending:
+            return
+        from safetensors.torch import save_file
+
+        name = f"reference-r{self.rank:03d}-{self._shards:05d}.safetensors"
+        save_file(self._pending, str(self.directory / name), metadata={"format": str(STORE_FORMAT)})
+        for key in self._pending:
+            if key.endswith("/logps"):
+                self.examples[key[: -len("/logps")]] = name
+        self._pending, self._pending_bytes = {}, 0
+        self._shards += 1
+
+    def close(self) -> dict[str, str]:
+        """Flush and write this rank's part of the index; returns it (example id -> shard file)."""
+        self.flush()
+        with open(self.directory / f"index-r{self.rank:03d}.json", "w", encoding="utf-8") as f:
+            json.dump(self.examples, f)
+        return self.examples
+
+
+def _write_index(directory: Path, world_size: int, metadata: dict[str, Any]) -> None:
+    examples: dict[str, str] = {}
+    for rank in range(world_size):
+        part = directory / f"index-r{rank:03d}.json"
+        with open(part, encoding="utf-8") as f:
+            for example_id, shard in json.load(f).items():
+                examples.setdefault(example_id, shard)
+        part.unlink()
+    with open(directory / _INDEX, "w", encoding="utf-8") as f:
+        json.dump({"metadata": {**metadata, "num_examples": len(examples)}, "examples": examples}, f, indent=0)
+
+
+@torch.no_grad()
+def precompute_reference(
+    reference: nn.Module,
+    batches,
+    directory: str | os.PathLike,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    keep_hidden: bool = True,
+    include_corrupted: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str | None = None,
+    shard_bytes: int = 1 << 30,
+    progress: bool = True,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Run the reference over ``batches`` and store what the loss needs, per example.
+
+    Args:
+        reference: the reference model (a Hugging Face model; a peft model runs with its adapters disabled,
+            which is the reference of LoRA training). Run in eval mode, without gradients.
+        batches: an iterable of :class:`PreferenceBatch` (this rank's share of the data).
+        directory: the store directory.
+        temperature, ignore_index: must equal those of the training loss.
+        keep_hidden: store the (v, y+) span-token hidden states (needed when the loss has alpha > 0).
+        include_corrupted: also run and store the (v', .) blocks (needed when the loss has gamma > 0).
+        rank, world_size: this process's place; with several ranks call it on all of them (rank 0 writes
+            the index after a barrier).
+        device: where the batches go (default: the reference's).
+        shard_bytes, progress: shard size; a rank-0 progress bar.
+        metadata: extra JSON-able facts to record in the index (e.g. which model was the reference).
+
+    Returns:
+        The store directory.
+    """
+    directory = Path(directory)
+    adapter = get_adapter(reference)
+    weight, bias = adapter.head(reference)
+    device = torch.device(device) if device is not None else weight.device
+    writer = ReferenceShardWriter(directory, rank, shard_bytes)
+    was_training = reference.training
+    reference.eval()
+    iterator = batches
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="reference pass", unit="batch", dynamic_ncols=True)
+    disable = reference.disable_adapter if is_peft_model(reference) else None
+    try:
+        for batch in iterator:
+            if not isinstance(batch, PreferenceBatch):
+                raise TypeError(f"precompute_reference: batches must be PreferenceBatch; got {type(batch).__name__}")
+            batch = batch.to(device, non_blocking=True)
+            corrupted = include_corrupted and batch.corrupted_images is not None
+            if disable is not None:
+                with disable():
+                    hidden = block_hidden_states(adapter, reference, batch, corrupted)
+                    weight, bias = adapter.head(reference)
+            else:
+                hidden = block_hidden_states(adapter, reference, batch, corrupted)
+                weight, bias = adapter.head(reference)
+            labels, span_weights, has_corrupted = block_targets(batch, corrupted)
+            ref = PrecomputedReference.from_reference_forward(
+                weight, hidden, labels, span_weights, has_corrupted,
+                ref_bias=bias, temperature=temperature, ignore_index=ignore_index, keep_hidden=keep_hidden,
+            )
+            for example_id, one in zip(batch.example_ids, ref.unbind()):
+                writer.add(example_id, one)
+    finally:
+        reference.train(was_training)
+    writer.close()
+    if keep_hidden and rank == 0:
+        from safetensors.torch import save_file
+
+        head = {"weight": weight.detach().cpu().contiguous()}
+        if bias is not None:
+            head["bias"] = bias.detach().cpu().contiguous()
+        save_file(head, str(directory / _HEAD))
+    metadata = {
+        **(metadata or {}),
+        "format": STORE_FORMAT, "temperature": float(temperature), "ignore_index": int(ignore_index),
+        "keep_hidden": bool(keep_hidden), "include_corrupted": bool(include_corrupted),
+        "hidden_size": int(weight.shape[1]), "vocab_size": int(weight.shape[0]),
+        "model": type(reference).__name__,
+    }
+    if world_size > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        _write_index(directory, world_size, metadata)
+    if world_size > 1:
+        torch.distributed.barrier()
+    return directory
+
+
+class PrecomputedReferenceStore:
+    """Reads a store written by :func:`precompute_reference`; ``lookup(ids)`` gives a batch's reference.
+
+    Args:
+        directory: the store directory (with ``index.json``).
+    """
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        index = self.directory / _INDEX
+        if not index.is_file():
+            raise FileNotFoundError(
+                f"PrecomputedReferenceStore: no {_INDEX} in {self.directory}; build the store first "
+                "(firempo-train --config run.yaml --precompute-reference)"
+            )
+        with open(index, encoding="utf-8") as f:
+            content = json.load(f)
+        self.metadata: dict[str, Any] = content["metadata"]
+        if self.metadata.get("format") != STORE_FORMAT:
+            raise ValueError(
+                f"PrecomputedReferenceStore: {index} has format {self.metadata.get('format')}; this version reads "
+                f"{STORE_FORMAT}. Rebuild the store."
+            )
+        self._shard_of: dict[str, str] = content["examples"]
+        self._open: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self._shard_of)
+
+    def __contains__(self, example_id: object) -> bool:
+        return example_id in self._shard_of
+
+    def check_compatible(self, *, temperature: float, ignore_index: int, needs_hidden: bool,
+                         needs_corrupted: bool) -> None:
+        """Raise ``ValueError`` if the store cannot serve a loss with these settings."""
+        meta, where = self.metadata, f"PrecomputedReferenceStore({self.directory})"
+        if meta["temperature"] != float(temperature) or meta["ignore_index"] != ignore_index:
+            raise ValueError(
+                f"{where}: built with temperature={meta['temperature']}, ignore_index={meta['ignore_index']}; "
+                f"the loss has temperature={temperature}, ignore_index={ignore_index}"
+            )
+        if needs_hidden and not meta["keep_hidden"]:
+            raise ValueError(f"{where}: the loss has alpha > 0 (token KL) but the store kept no hidden states")
+        if needs_corrupted and not meta["include_corrupted"]:
+            raise ValueError(f"{where}: the loss has gamma > 0 (visual term) but the store has no (v', .) blocks")
+
+    def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The reference head ``(weight [V, d'], bias [V] or None)`` on the CPU (stored with the hidden states)."""
+        path = self.directory / _HEAD
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"PrecomputedReferenceStore({self.directory}): no {_HEAD}; the store was built without hidden states "
+                "(alpha = 0), so it cannot serve the token KL"
+            )
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        return tensors["weight"], tensors.get("bias")
+
+    def _handle(self, shard: str):
+        if shard not in self._open:
+            from safetensors import safe_open
+
+            handle = safe_open(str(self.directory / shard), framework="pt")
+            self._open[shard] = (handle, set(handle.keys()))
+        return self._open[shard]
+
+    def get(self, example_id: str) -> PrecomputedReference:
+        """One example's reference (``row_counts`` [k, 1])."""
+        shard = self._shard_of.get(example_id)
+        if shard is None:
+            raise KeyError(
+                f"PrecomputedReferenceStore({self.directory}): no reference for example {example_id!r}; the store "
+                "was built from other data"
+            )
+        handle, keys = self._handle(shard)
+        hidden_key = _key(example_id, "hidden")
+        return PrecomputedReference(
+            logps=handle.get_tensor(_key(example_id, "logps")),
+            row_counts=handle.get_tensor(_key(example_id, "row_counts")),
+            hidden=handle.get_tensor(hidden_key) if hidden_key in keys else None,
+            temperature=self.metadata["temperature"],
+        )
+
+    def lookup(self, example_ids: Sequence[str]) -> PrecomputedReference:
+        """The collated reference of a batch, examples in the order of ``example_ids``."""
+        return PrecomputedReference.collate([self.get(i) for i in example_ids])

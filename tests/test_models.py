@@ -1,0 +1,205 @@
+"""Model adapters on tiny random models built from configs: the hidden states they return are exactly the
+head's input in the model's own forward, and the FiRe-MPO loss computed from them equals the loss (and its
+gradients) computed in float64 from the model's full logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+
+from firempo_kernels.integrations.batch import PreferenceCollator
+from firempo_kernels.integrations.models import (
+    CausalLMAdapter,
+    LlavaAdapter,
+    ModelAdapter,
+    QwenVLAdapter,
+    get_adapter,
+    register_adapter,
+    registered_adapters,
+)
+from firempo_kernels.integrations.smoke import TINY_FAMILIES, synthetic_examples, tiny_model
+from firempo_kernels.integrations.trainer import compute_firempo_loss
+from firempo_kernels.losses import FiReMPOLoss
+
+EXPECTED_ADAPTER = {
+    "llama": CausalLMAdapter,
+    "llava": LlavaAdapter,
+    "qwen2_vl": QwenVLAdapter,
+    "qwen2_5_vl": QwenVLAdapter,
+    "qwen3_vl": QwenVLAdapter,
+}
+FAMILIES = [f for f in TINY_FAMILIES if f != "qwen3_vl" or hasattr(transformers, "Qwen3VLForConditionalGeneration")]
+
+
+def processor_style_inputs(model, batch, images):
+    """What a processor hands a model for the 2B rows: ids, mask, vision inputs and, for Qwen-VL,
+    ``mm_token_type_ids`` (1 on image placeholders) -- built here independently of the adapter."""
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    inputs.update({k: torch.cat((v, v)) for k, v in images.items()})
+    if "image_grid_thw" in images:
+        inputs["mm_token_type_ids"] = (batch.input_ids == model.config.image_token_id).to(torch.int32)
+    return inputs
+
+
+def batch_for(model, n=3, seed=0):
+    return PreferenceCollator(0)(synthetic_examples(model.config, n, seed=seed, corrupted_every=2))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hidden_states_are_the_heads_input(family):
+    model = tiny_model(family, seed=0)
+    adapter = get_adapter(model)
+    assert type(adapter) is EXPECTED_ADAPTER[family]
+    batch = batch_for(model)
+    inputs = processor_style_inputs(model, batch, batch.images)
+    seen = {}
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.update(h=args[0], out=out))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    hook.remove()
+    with torch.no_grad():
+        hidden = adapter.hidden_states(model, batch.input_ids, batch.attention_mask,
+                                       {k: torch.cat((v, v)) for k, v in batch.images.items()})
+        weight, bias = adapter.head(model)
+    # The same modules run on the same inputs in the same order: bit-for-bit equal.
+    assert torch.equal(hidden, seen["h"])
+    assert torch.equal(F.linear(hidden, weight, bias), logits)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_vision_inputs_reach_the_hidden_states(family):
+    model = tiny_model(family, seed=0)
+    adapter = get_adapter(model)
+    batch = batch_for(model, n=1)
+    images = {k: torch.cat((v, v)) for k, v in batch.images.items()}
+    noisy = {k: (v + 1.0 if v.is_floating_point() else v) for k, v in images.items()}
+    with torch.no_grad():
+        a = adapter.hidden_states(model, batch.input_ids, batch.attention_mask, images)
+        b = adapter.hidden_states(model, batch.input_ids, batch.attention_mask, noisy)
+    last = batch.attention_mask[0].sum() - 1
+    assert not torch.allclose(a[0, last], b[0, last])
+
+
+def firempo_loss_from_logits(logits, ref_logits, labels, weights, has_v_prime, *, beta, alpha, gamma, lambda_):
+    """FiRe-MPO from full logits, float64, straight from the equations of DESIGN.md section 1.
+
+    logits, ref_logits: [kB, T, V] for blocks (v, y+), (v, y-) and, when ``has_v_prime`` is given, (v', y+),
+    (v', y-); labels/weights [kB, T] already aligned (logits[r, t] predicts labels[r, t]).
+    """
+    logp = torch.log_softmax(logits.double(), -1)
+    logq = torch.log_softmax(ref_logits.double(), -1)
+    target = labels.clamp(min=0).unsqueeze(-1)
+    w = weights.double()
+    delta = (w * (logp.gather(-1, target) - logq.gather(-1, target)).squeeze(-1)).sum(-1)
+    b = labels.shape[0] // (2 if has_v_prime is None else 4)
+    chosen, rejected = delta[:b], delta[b : 2 * b]
+    rank = -F.logsigmoid(beta * (chosen - rejected))
+    visual = 0.0
+    if has_v_prime is not None:
+        chosen_vp, rejected_vp = delta[2 * b : 3 * b], delta[3 * b :]
+        visual = -gamma * has_v_prime.double() * F.logsigmoid(beta * (rejected_vp - chosen_vp))
+    p, q = logp[:b].exp(), logq[:b].exp()
+    kl_forward = (q * (logq[:b] - logp[:b])).sum(-1)  # KL(ref || policy)
+    kl_reverse = (p * (logp[:b] - logq[:b])).sum(-1)  # KL(policy || ref)
+    kl = (w[:b] * (lambda_ * kl_forward + (1 - lambda_) * kl_reverse)).sum(-1)
+    return (rank + visual + alpha * kl).mean()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adapter_loss_equals_full_logits_loss(family):
+    policy, reference = tiny_model(family, seed=0).train(), tiny_model(family, seed=1)
+    batch = batch_for(policy, n=3, seed=1)
+    hp = dict(beta=0.5, alpha=0.3, gamma=0.7, lambda_=0.3)
+    out = compute_firempo_loss(policy, reference, batch, FiReMPOLoss(**hp))
+    out.loss.backward()
+    fused_grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad(set_to_none=True)
+
+    passes = [batch.images] + ([batch.corrupted_images] if batch.corrupted_images is not None else [])
+
+    def full_logits(model, grad):
+        with torch.set_grad_enabled(grad):
+            parts = [model(**processor_style_inputs(model, batch, imgs)).logits for imgs in passes]
+        return torch.cat(parts)[:, :-1]
+
+    labels = batch.labels[:, 1:].repeat(len(passes), 1)
+    weights = batch.span_weights[:, 1:].repeat(len(passes), 1)
+    expected = firempo_loss_from_logits(full_logits(policy, True), full_logits(reference, False), labels, weights,
+                                        batch.has_corrupted_image, **hp)
+    expected.backward()
+    # fp32 hidden states and head on both sides; the loss accumulates in fp32 over a handful of tokens.
+    torch.testing.assert_close(out.loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    assert fused_grads.keys() == {n for n, p in policy.named_parameters() if p.grad is not None}
+    for name, p in policy.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_unsupported_class_names_how_to_register():
+    class Custom(torch.nn.Module):
+        pass
+
+    with pytest.raises(TypeError, match=r"no adapter for Custom.*@register_adapter\('Custom'\)"):
+        get_adapter(Custom())
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        get_adapter("llava")
+
+
+def test_registering_an_adapter_serves_that_class():
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+    @register_adapter("Wrapper")
+    class WrapperAdapter(ModelAdapter):
+        def backbone(self, model):
+            return model.inner.model
+
+    try:
+        inner = tiny_model("llama")
+        model = Wrapper(inner)
+        adapter = get_adapter(model)
+        assert isinstance(adapter, WrapperAdapter) and registered_adapters()["Wrapper"] == "WrapperAdapter"
+        ids = torch.randint(1, 100, (2, 5))
+        mask = torch.ones_like(ids)
+        torch.testing.assert_close(adapter.hidden_states(model, ids, mask), inner.model(ids, mask).last_hidden_state)
+    finally:
+        from firempo_kernels.integrations import models
+
+        models._REGISTRY.pop("Wrapper")
+
+
+def test_text_adapter_refuses_images():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 100, (2, 5))
+    with pytest.raises(ValueError, match="text-only.*pixel_values"):
+        get_adapter(model).hidden_states(model, ids, torch.ones_like(ids), {"pixel_values": torch.zeros(2, 3)})
+
+
+def test_softcapped_logits_are_refused():
+    config = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                       final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        get_adapter(transformers.Gemma2ForCausalLM(config))
+
+
+def test_peft_heads():
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama", seed=0)
+    saved = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    adapter = get_adapter(saved)
+    weight, _ = adapter.head(saved)
+    with torch.no_grad():
+        weight.add_(1.0)  # the trainable copy diverges from the original head
+    with saved.disable_adapter():
+        original, _ = adapter.head(saved)
+    assert weight.requires_grad and not original.requires_grad and not torch.equal(weight, original)
+
+    lora_head = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    with pytest.raises(TypeError, match="LoRA on lm_head"):
+        get_adapter(lora_head)
