@@ -1,0 +1,545 @@
+"""`make bench`: every method on the same inputs, peak memory and time, tables, plots and RESULTS.md.
+
+    .venv/bin/python benchmarks/report.py [--profile cpu|gpu|tiny] [--only SECTION ...] [--out DIR]
+
+Runs the grid of the profile (each case in a fresh process on the CPU; see ``harness`` for how memory and
+time are taken), then writes into ``--out`` (default ``benchmarks/report/``):
+
+- ``report.md``: machine, date, command, one table per section with the ratios of the fused method to
+  every baseline measured in the same run, and the acceptance checks;
+- ``results.json``: every measurement, with the load average around each case;
+- ``vs_vocab.png``, ``vs_span_tokens.png``: peak extra memory and time against the vocabulary size and
+  against the number of span tokens per row;
+
+and replaces the generated block of ``benchmarks/RESULTS.md`` (between its markers) with the tables.
+The cpu profile is sized to finish in under 15 minutes on a 2-core machine; ``--budget-min`` stops
+starting new cases once spent (those rows say so).
+"""
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.workloads import METHOD_NOTES, Case, skip_reason  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS_MD = HERE / "RESULTS.md"
+BEGIN, END = "<!-- BEGIN GENERATED: benchmarks/report.py -->", "<!-- END GENERATED -->"
+COMMAND = "make bench  (= .venv/bin/python benchmarks/report.py)"
+
+
+@dataclass
+class Section:
+    name: str
+    title: str
+    cases: list[Case]
+    sweep: str | None = None  # "vocab" or "spans": plotted against that field
+    note: str = ""
+
+
+@dataclass
+class Profile:
+    sections: list[Section]
+    target_s: float = 8.0
+    min_reps: int = 3
+    max_reps: int = 15
+    case_timeout_s: float = 300.0
+    checks: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The grids
+# ------------------------------------------------------------------------------------------------------
+def _loss(method, vocab, dim, batch, seq, spans, response, regime, head="frozen", dtype="float32", device="cpu"):
+    return Case("loss", method, vocab, dim, dtype=dtype, head=head, device=device, batch=batch, seq=seq,
+                response=response, spans=spans, regime=regime)
+
+
+def _ops(workloads, methods, vocab, dim, tokens, heads, dtype="float32", device="cpu"):
+    return [
+        Case(w, m, vocab, dim, dtype=dtype, head=h, device=device, tokens=tokens)
+        for w in workloads for h in heads for m in methods[w]
+    ]
+
+
+def cpu_profile() -> Profile:
+    v, d, t = 32000, 512, 512
+    ops_methods = {"logprobs": ("fused", "naive", "torch_lce", "liger"), "token_kl": ("fused", "naive", "liger")}
+    ops = Section(
+        "ops", "Core ops, N = 4096, V = 32000, d = 512, fp32, forward + backward",
+        _ops(("logprobs", "token_kl"), ops_methods, v, d, 4096, ("trainable", "frozen")),
+        note="torch.compile of the naive op is in the pytest-benchmark suite; it is left out here to keep "
+             "`make bench` under 15 minutes.",
+    )
+    all_loss = ("fused", "naive", "naive_masked", "compiled", "torch_lce", "liger")
+    # VQA answers: a long image + prompt prefix, a short answer, one tagged phrase of 16 tokens per row.
+    # Dense: every one of the T = 512 positions is a weighted response token.
+    vqa = dict(vocab=v, dim=d, batch=2, seq=t, spans=16, response=32, regime="vqa")
+    dense = dict(vocab=v, dim=d, batch=2, seq=t, spans=t, response=t, regime="dense")
+    loss = Section(
+        "loss", "FiRe-MPO loss step (4 policy + 4 reference blocks), B = 2, T = 512, d = 512, V = 32000, "
+                "head frozen, fp32, forward + backward",
+        [_loss(m, **vqa) for m in all_loss] + [_loss(m, **dense) for m in all_loss],
+    )
+    spans = Section(
+        "spans", "Loss step against span tokens per row: B = 2, T = 512, V = 32000, d = 512, head frozen, fp32",
+        [_loss(m, v, d, 2, t, s, max(32, s), "vqa" if s == 16 else ("dense" if s == t else f"spans{s}"))
+         for s in (4, 16, 64, 256, 512) for m in ("fused", "naive_masked")]
+        + [_loss(m, **vqa) for m in ("naive", "compiled", "torch_lce")]
+        + [_loss(m, **dense) for m in ("naive", "compiled", "torch_lce")],
+        sweep="spans",
+        note="naive, compiled and torch_lce are measured at 16 and 512 span tokens only (the loss section's "
+             "cases): the naive cost does not depend on the span count, and the others at every point would not "
+             "fit `make bench` in 15 minutes.",
+    )
+    vocab = Section(
+        "vocab", "Loss step against vocabulary size, VQA regime: B = 1, T = 512, 16 span tokens per row, d = 512, "
+                 "head frozen, fp32",
+        [_loss(m, vv, d, 1, t, 16, 32, "vqa") for vv in (8000, 32000, 151936)
+         for m in ("fused", "naive", "naive_masked")],
+        sweep="vocab",
+        note="B = 1 keeps the naive method's [4 * 512, 151936] fp32 tensors (1.2 GB each) within this machine.",
+    )
+    return Profile([ops, loss, spans, vocab], checks=CPU_CHECKS)
+
+
+def tiny_profile() -> Profile:
+    """Seconds, not minutes: exercises every code path of the report (the smoke test)."""
+    v, d = 512, 32
+    ops = Section("ops", "tiny ops", _ops(("logprobs", "token_kl"),
+                                          {"logprobs": ("fused", "naive", "torch_lce"), "token_kl": ("fused", "liger")},
+                                          v, d, 64, ("frozen",)))
+    spans = Section("spans", "tiny spans", [_loss(m, v, d, 1, 32, s, 16, f"s{s}") for s in (4, 16)
+                                            for m in ("fused", "naive")], sweep="spans")
+    return Profile([ops, spans], target_s=0.05, min_reps=2, max_reps=3, case_timeout_s=120)
+
+
+def gpu_profile(deadline: float | None = None) -> Profile:
+    """Real shapes in bf16 on a GPU: V = 151936, d in {2560, 3584}."""
+    v = 151936
+    ops_methods = {"logprobs": ("fused", "naive", "torch_lce", "liger"), "token_kl": ("fused", "naive", "liger")}
+    ops = []
+    for d in (2560, 3584):
+        for n in (512, 8192):
+            ops += _ops(("logprobs", "token_kl"), ops_methods, v, d, n, ("frozen",), dtype="bfloat16", device="cuda")
+    ops += _ops(("logprobs", "token_kl"), ops_methods, v, 3584, 8192, ("trainable",), dtype="bfloat16",
+                device="cuda")
+    all_loss = ("fused", "naive", "naive_masked", "compiled", "torch_lce", "liger")
+    kw = dict(vocab=v, dim=3584, batch=2, seq=1024, dtype="bfloat16", device="cuda")
+    loss = [_loss(m, spans=16, response=32, regime="vqa", **kw) for m in all_loss]
+    loss += [_loss(m, spans=1024, response=1024, regime="dense", **kw) for m in all_loss if m != "compiled"]
+    return Profile(
+        [Section("ops", "Core ops, V = 151936, bf16, forward + backward", ops),
+         Section("loss", "FiRe-MPO loss step, B = 2, T = 1024, d = 3584, V = 151936, head frozen, bf16", loss)],
+        target_s=0.5, min_reps=5, max_reps=50, case_timeout_s=120,
+    )
+
+
+PROFILES = {"cpu": cpu_profile, "tiny": tiny_profile, "gpu": gpu_profile}
+
+
+# ------------------------------------------------------------------------------------------------------
+# Acceptance checks (CPU): (description, select fused, select baseline, quantity, threshold)
+# ------------------------------------------------------------------------------------------------------
+def _sel(workload, method, head="frozen", regime="", vocab=32000, batch=None):
+    def match(c: dict) -> bool:
+        return (c["workload"] == workload and c["method"] == method and c["head"] == head
+                and c["vocab"] == vocab and (not regime or c["regime"] == regime)
+                and (batch is None or c["batch"] == batch) and c["device"] == "cpu")
+    return match
+
+
+CPU_CHECKS = []
+for _op in ("logprobs", "token_kl"):
+    for _head in ("trainable", "frozen"):
+        CPU_CHECKS += [
+            (f"ops: {_op}, head {_head}: peak <= 5% of naive", _sel(_op, "fused", _head), _sel(_op, "naive", _head),
+             "peak_extra_mib", 0.05),
+            (f"ops: {_op}, head {_head}: time <= 1.5x naive", _sel(_op, "fused", _head), _sel(_op, "naive", _head),
+             "time_ms", 1.5),
+        ]
+    if _op == "logprobs":
+        for _head in ("trainable", "frozen"):
+            CPU_CHECKS += [
+                (f"ops: logprobs, head {_head}: peak <= 50% of F.linear_cross_entropy", _sel(_op, "fused", _head),
+                 _sel(_op, "torch_lce", _head), "peak_extra_mib", 0.5),
+                (f"ops: logprobs, head {_head}: working memory (peak - gradients) <= 50% of "
+                 "F.linear_cross_entropy's", _sel(_op, "fused", _head), _sel(_op, "torch_lce", _head),
+                 "working_mib", 0.5),
+                (f"ops: logprobs, head {_head}: time <= 1.0x F.linear_cross_entropy", _sel(_op, "fused", _head),
+                 _sel(_op, "torch_lce", _head), "time_ms", 1.0),
+            ]
+CPU_CHECKS += [
+    ("loss, VQA (16 span tokens/row): peak <= 2% of naive", _sel("loss", "fused", regime="vqa", batch=2),
+     _sel("loss", "naive", regime="vqa", batch=2), "peak_extra_mib", 0.02),
+    ("loss, VQA: time <= 0.25x naive", _sel("loss", "fused", regime="vqa", batch=2),
+     _sel("loss", "naive", regime="vqa", batch=2), "time_ms", 0.25),
+    ("loss, dense (512 weighted tokens/row): peak <= 10% of naive", _sel("loss", "fused", regime="dense", batch=2),
+     _sel("loss", "naive", regime="dense", batch=2), "peak_extra_mib", 0.10),
+    ("suite, dense: peak <= 5% of naive", _sel("loss", "fused", regime="dense", batch=2),
+     _sel("loss", "naive", regime="dense", batch=2), "peak_extra_mib", 0.05),
+    ("suite, dense: peak <= 50% of naive-masked", _sel("loss", "fused", regime="dense", batch=2),
+     _sel("loss", "naive_masked", regime="dense", batch=2), "peak_extra_mib", 0.50),
+    ("suite, VQA: time <= 0.25x naive", _sel("loss", "fused", regime="vqa", batch=2),
+     _sel("loss", "naive", regime="vqa", batch=2), "time_ms", 0.25),
+]
+
+
+def evaluate_checks(checks, records: list[dict]) -> list[dict]:
+    ok = [r for r in records if r.get("status") == "ok"]
+    out = []
+    for desc, pick_fused, pick_base, quantity, threshold in checks:
+        fused = next((r for r in ok if pick_fused(r["case"])), None)
+        base = next((r for r in ok if pick_base(r["case"])), None)
+        if fused is None or base is None:
+            out.append({"check": desc, "ratio": None, "threshold": threshold, "result": "not measured"})
+            continue
+        ratio = fused[quantity] / base[quantity] if base[quantity] > 0 else float("inf")
+        out.append({
+            "check": desc, "ratio": ratio, "threshold": threshold, "result": "pass" if ratio <= threshold else "MISS",
+            "fused": fused[quantity], "baseline": base[quantity], "quantity": quantity,
+        })
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------------
+def _meminfo_gib(key: str) -> float:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return 0.0
+
+
+def worker_env() -> dict:
+    """The environment of each measuring process.
+
+    OMP_WAIT_POLICY=PASSIVE: on a machine whose cores are shared with other work, OpenMP threads that spin
+    at every barrier waiting for a descheduled peer turned a 0.3 s loss step into 2-5 s (measured here),
+    and hit a method in proportion to how many parallel regions it runs: the chunked paths far more than
+    the few huge ops of the naive one. Sleeping waits keep the comparison about the methods. A value the
+    caller has set is kept."""
+    env = dict(os.environ)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return env
+
+
+def run_in_subprocess(case: Case, profile: Profile, mem_budget_gib: float, threads: int = 0) -> dict:
+    cmd = [
+        sys.executable, str(HERE / "harness.py"), "--case", json.dumps(case.to_dict()),
+        "--target-s", str(profile.target_s), "--min-reps", str(profile.min_reps),
+        "--max-reps", str(profile.max_reps), "--mem-budget-gib", f"{mem_budget_gib:.2f}",
+        "--threads", str(threads),
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=profile.case_timeout_s, env=worker_env())
+    except subprocess.TimeoutExpired:
+        return {"case": case.to_dict(), "status": "timeout", "note": f"over {profile.case_timeout_s:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+    status = "oom" if proc.returncode in (-9, 137) else "error"
+    return {"case": case.to_dict(), "status": status, "note": tail[0][:300]}
+
+
+def run_in_process(case: Case, profile: Profile) -> dict:
+    from benchmarks.harness import measure
+
+    return measure(case, target_s=profile.target_s, min_reps=profile.min_reps, max_reps=profile.max_reps)
+
+
+def unique_cases(sections: list[Section]) -> list[Case]:
+    seen, out = set(), []
+    for s in sections:
+        for c in s.cases:
+            if c not in seen:
+                seen.add(c)
+                out.append(c)
+    return out
+
+
+def run_all(profile: Profile, *, in_process: bool, budget_min: float, log=print, threads: int = 0) -> list[dict]:
+    cases = unique_cases(profile.sections)
+    start = time.monotonic()
+    mem_budget = min(12.0, 0.6 * _meminfo_gib("MemAvailable")) if not in_process else 0.0
+    records = []
+    for i, case in enumerate(cases, 1):
+        label = f"[{i}/{len(cases)}] {case.workload} {case.regime or ''} {case.head} {case.shape_label()} {case.method}"
+        reason = skip_reason(case)
+        if reason:  # decided here: no process to start
+            records.append({"case": case.to_dict(), "status": "skipped", "note": reason})
+            log(f"{label}: skipped ({reason})")
+            continue
+        if (time.monotonic() - start) / 60 > budget_min:
+            records.append({"case": case.to_dict(), "status": "not run", "note": f"time budget ({budget_min} min) spent"})
+            log(f"{label}: not run (time budget)")
+            continue
+        t0 = time.monotonic()
+        rec = run_in_process(case, profile) if in_process else run_in_subprocess(case, profile, mem_budget, threads)
+        records.append(rec)
+        if rec["status"] == "ok":
+            log(f"{label}: {rec['peak_extra_mib']:.1f} MiB, {rec['time_ms']:.1f} ms "
+                f"(median of {rec['reps']}), {time.monotonic() - t0:.1f} s")
+        else:
+            log(f"{label}: {rec['status']} ({rec.get('note', '')})")
+    return records
+
+
+# ------------------------------------------------------------------------------------------------------
+# Writing
+# ------------------------------------------------------------------------------------------------------
+def machine_info(records: list[dict]) -> dict:
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpus = sorted({r.get("device_name") for r in records if r.get("device_name") not in (None, "cpu")})
+    loads = [r[k] for r in records for k in ("loadavg_before", "loadavg_after") if r.get(k) is not None]
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(_meminfo_gib("MemTotal"), 1),
+        "gpu": ", ".join(gpus) or None, "torch": torch.__version__, "python": platform.python_version(),
+        "threads": next((r["threads"] for r in records if "threads" in r), torch.get_num_threads()),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "loadavg_range": [min(loads), max(loads)] if loads else None,
+        "omp_wait_policy": next((r["omp_wait_policy"] for r in records if r.get("omp_wait_policy")), None),
+    }
+
+
+def _fmt(x, digits=1):
+    if x is None:
+        return "-"
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.{digits}f}"
+
+
+def _ratio(a, b):
+    if a is None or b is None or b == 0:
+        return "-"
+    r = a / b
+    return f"{100 * r:.1f}%" if r < 0.995 else f"{r:.2f}x"
+
+
+def _group_key(c: dict):
+    return (c["workload"], c["regime"], c["head"], c["dtype"], c["device"], c["vocab"], c["dim"], c["tokens"],
+            c["batch"], c["seq"], c["spans"], c["response"])
+
+
+def section_table(section: Section, by_case: dict) -> str:
+    lines = [
+        "| workload | shape | head | method | peak extra MiB | of it gradients | fwd ms | bwd ms | fwd+bwd ms "
+        "| fused mem / this | fused time / this | status |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    groups: dict = {}
+    for c in section.cases:
+        groups.setdefault(_group_key(c.to_dict()), []).append(c)
+    for cases in groups.values():
+        recs = [by_case[c] for c in cases]
+        fused = next((r for r in recs if r["case"]["method"] == "fused" and r["status"] == "ok"), None)
+        for r in recs:
+            c = r["case"]
+            shape = Case.from_dict(c).shape_label() + (f" ({c['regime']})" if c["regime"] else "")
+            ok = r["status"] == "ok"
+            is_fused = c["method"] == "fused"
+            mem_ratio = "-" if is_fused or not ok or not fused else _ratio(fused["peak_extra_mib"], r["peak_extra_mib"])
+            time_ratio = "-" if is_fused or not ok or not fused else _ratio(fused["time_ms"], r["time_ms"])
+            status = "ok" if ok else f"{r['status']}: {r.get('note', '')}"
+            name = f"**{c['method']}**" if is_fused else c["method"]
+            lines.append(
+                f"| {c['workload']} | {shape} | {c['head']} | {name} | {_fmt(r.get('peak_extra_mib'))} | "
+                f"{_fmt(Case.from_dict(c).gradient_mib) if ok else '-'} | {_fmt(r.get('fwd_ms'))} | "
+                f"{_fmt(r.get('bwd_ms'))} | {_fmt(r.get('time_ms'))} | {mem_ratio} | "
+                f"{time_ratio} | {status} |"
+            )
+    return "\n".join(lines)
+
+
+def checks_table(results: list[dict]) -> str:
+    lines = ["| check | fused | baseline | ratio | threshold | result |", "|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        unit = " ms" if r.get("quantity") == "time_ms" else " MiB"
+        ratio = "-" if r["ratio"] is None else (f"{100 * r['ratio']:.1f}%" if r["threshold"] < 1 else f"{r['ratio']:.2f}x")
+        thr = f"{100 * r['threshold']:.0f}%" if r["threshold"] < 1 else f"{r['threshold']:.2f}x"
+        lines.append(f"| {r['check']} | {_fmt(r.get('fused'))}{unit if r['ratio'] is not None else ''} | "
+                     f"{_fmt(r.get('baseline'))}{unit if r['ratio'] is not None else ''} | {ratio} | {thr} | "
+                     f"{r['result']} |")
+    return "\n".join(lines)
+
+
+def render(profile: Profile, records: list[dict], machine: dict, command: str) -> str:
+    by_case = {Case.from_dict(r["case"]): r for r in records}
+    reps = sorted({r["reps"] for r in records if r.get("status") == "ok"})
+    load = machine["loadavg_range"]
+    out = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['ram_gib']} GiB RAM"
+        + (f"; GPU: {machine['gpu']}" if machine["gpu"] else "")
+        + f"; torch {machine['torch']}, {machine['threads']} threads"
+        + (f" (OMP_WAIT_POLICY={machine['omp_wait_policy']})" if machine["omp_wait_policy"] else "")
+        + f", Python {machine['python']}.",
+        f"Date: {machine['date']}. Command: `{command}`.",
+        f"Every time is the median of {reps[0] if reps else '-'}-{reps[-1] if reps else '-'} timed steps after one "
+        "warm-up step, forward and backward measured apart; every peak is the extra memory of one step over what the "
+        "inputs already hold, each case in a fresh process (CPU) or from the allocator (CUDA); ratios are to "
+        "baselines from this same run on the same inputs and dtype."
+        + (f" Load average during the run: {load[0]:.1f}-{load[1]:.1f} on {machine['cores']} cores." if load else ""),
+        "",
+        "Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_NOTES.items()) + ".",
+    ]
+    for s in profile.sections:
+        out += ["", f"#### {s.title}", "", section_table(s, by_case)]
+        if s.note:
+            out += ["", s.note]
+    if profile.checks:
+        out += ["", "#### Acceptance checks", "", checks_table(evaluate_checks(profile.checks, records))]
+    bad = _disagreements(records)
+    if bad:
+        out += ["", "Objective values that disagree with the fused method on the same inputs: " + "; ".join(bad)]
+    return "\n".join(out) + "\n"
+
+
+def _disagreements(records: list[dict], rtol: float = 1e-3) -> list[str]:
+    """Every method computes the same objective from the same inputs; flag any that does not."""
+    groups: dict = {}
+    for r in records:
+        if r.get("status") == "ok":
+            groups.setdefault(_group_key(r["case"]), []).append(r)
+    bad = []
+    for recs in groups.values():
+        fused = next((r for r in recs if r["case"]["method"] == "fused"), None)
+        if fused is None:
+            continue
+        for r in recs:
+            a, b = fused["objective"], r["objective"]
+            if abs(a - b) > rtol * max(1.0, abs(a)):
+                bad.append(f"{r['case']['method']} {Case.from_dict(r['case']).shape_label()}: {b:.6g} vs {a:.6g}")
+    return bad
+
+
+def plot(section: Section, records: list[dict], path: Path, machine: dict) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    by_case = {Case.from_dict(r["case"]): r for r in records}
+    x_of = (lambda c: c.vocab) if section.sweep == "vocab" else (lambda c: c.spans)
+    series: dict = {}
+    for c in section.cases:
+        r = by_case.get(c)
+        if r and r.get("status") == "ok":
+            series.setdefault(c.method, []).append((x_of(c), r["peak_extra_mib"], r["time_ms"]))
+    if not series:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for method, pts in series.items():
+        pts.sort()
+        xs = [p[0] for p in pts]
+        style = dict(marker="o", linewidth=2.5 if method == "fused" else 1.4, label=method)
+        axes[0].plot(xs, [p[1] for p in pts], **style)
+        axes[1].plot(xs, [p[2] for p in pts], **style)
+    xlabel = "vocabulary size V" if section.sweep == "vocab" else "span tokens per row (of T = 512)"
+    for ax, ylabel in zip(axes, ("peak extra memory (MiB)", "forward + backward (ms, median)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    where = machine["gpu"] or f"{machine['cpu']}, {machine['cores']} cores"
+    fig.suptitle(f"{section.title}\n{where}, torch {machine['torch']}, {machine['date']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def update_results_md(path: Path, block: str) -> None:
+    text = path.read_text() if path.exists() else f"# Benchmark results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    path.write_text(f"{head}{BEGIN}\n{block.rstrip()}\n{END}{tail}")
+
+
+def write_outputs(profile: Profile, records: list[dict], out_dir: Path, command: str,
+                  results_md: Path | None) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(records)
+    text = render(profile, records, machine, command)
+    plots = []
+    for s in profile.sections:
+        if s.sweep:
+            name = f"vs_{'vocab' if s.sweep == 'vocab' else 'span_tokens'}.png"
+            if plot(s, records, out_dir / name, machine):
+                plots.append(name)
+    if plots:
+        text += "\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
+    (out_dir / "report.md").write_text("# Benchmark report\n\n" + text)
+    (out_dir / "results.json").write_text(json.dumps(
+        {"machine": machine, "command": command, "records": records,
+         "checks": [{k: v for k, v in c.items()} for c in evaluate_checks(profile.checks, records)]},
+        indent=1,
+    ))
+    if results_md is not None:
+        rel = os.path.relpath(out_dir, results_md.parent)
+        linked = text.replace("](vs_", f"]({rel}/vs_")
+        update_results_md(results_md, linked)
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--only", nargs="*", help="run only these sections")
+    parser.add_argument("--out", type=Path, default=HERE / "report")
+    parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="file whose generated block to replace")
+    parser.add_argument("--no-results-md", action="store_true", help="leave RESULTS.md alone")
+    parser.add_argument("--in-process", action="store_true", help="measure in this process (CUDA allocator stats)")
+    parser.add_argument("--budget-min", type=float, default=14.0, help="start no case after this many minutes")
+    parser.add_argument("--command", default=COMMAND, help="the command recorded with the numbers")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per case (0: torch's default)")
+    args = parser.parse_args(argv)
+
+    profile = PROFILES[args.profile]()
+    if args.only:
+        unknown = set(args.only) - {s.name for s in profile.sections}
+        if unknown:
+            parser.error(f"unknown sections {sorted(unknown)}; have {[s.name for s in profile.sections]}")
+        profile.sections = [s for s in profile.sections if s.name in args.only]
+    t0 = time.monotonic()
+    records = run_all(profile, in_process=args.in_process, budget_min=args.budget_min,
+                      log=lambda m: print(m, flush=True), threads=args.threads)
+    results_md = None if args.no_results_md else args.results_md
+    write_outputs(profile, records, args.out, args.command, results_md)
+    print(f"wrote {args.out}/report.md" + (f" and {results_md}" if results_md else "")
+          + f" in {(time.monotonic() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
