@@ -21,11 +21,16 @@ def requested_backend() -> str:
     return name
 
 
-def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """``"triton"`` or ``"torch"`` for tensors on ``device`` of ``dtype``; raises when forced and impossible."""
+def resolve_backend(device: torch.device, *dtypes: torch.dtype) -> str:
+    """``"triton"`` or ``"torch"`` for operands on ``device`` of ``dtypes`` (policy, then reference).
+
+    The kernels take one operand dtype for both models (their launch table is per dtype), so ``auto`` keeps
+    mixed-dtype calls on the torch path, and a forced ``triton`` refuses them.
+    """
     name = requested_backend()
+    kernel_dtypes = all(dt in _TRITON_DTYPES for dt in dtypes) and len(set(dtypes)) == 1
     if name == "auto":
-        return "triton" if device.type == "cuda" and dtype in _TRITON_DTYPES else "torch"
+        return "triton" if device.type == "cuda" and kernel_dtypes else "torch"
     if name == "triton":
         interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
         if device.type != "cuda" and not (device.type == "cpu" and interpreted):
@@ -33,9 +38,9 @@ def resolve_backend(device: torch.device, dtype: torch.dtype) -> str:
                 f"FIREMPO_BACKEND=triton needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; "
                 f"got tensors on {device}"
             )
-        if dtype not in _TRITON_DTYPES:
+        if not kernel_dtypes:
             raise TypeError(
-                f"FIREMPO_BACKEND=triton supports float32, bfloat16 and float16; got {dtype} "
-                "(float64 runs on FIREMPO_BACKEND=torch)"
+                "FIREMPO_BACKEND=triton needs float32, bfloat16 or float16 operands, one dtype for the policy "
+                f"and the reference; got {', '.join(map(str, dtypes))} (other dtypes run on FIREMPO_BACKEND=torch)"
             )
     return name

@@ -26,7 +26,8 @@ from .token_stats import (
 
 
 class TokenKL(NamedTuple):
-    """Per-token outputs of :func:`fused_linear_token_kl`, each float32 and shaped like ``targets``."""
+    """Per-token outputs of :func:`fused_linear_token_kl`, each shaped like ``targets``; float32 (float64
+    for float64 inputs)."""
 
     logp: torch.Tensor  #: log pi_theta(y_t)
     ref_logp: torch.Tensor  #: log pi_ref(y_t); never receives a gradient
@@ -35,22 +36,32 @@ class TokenKL(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------
-# Chunking. Working memory is one (tokens x vocab) chunk of fp32 plus a handful of same-sized
-# temporaries (logits, exp, dS; twice that with a reference). On the CPU a 2**18-element chunk (1 MiB)
-# keeps the temporaries near 8 MiB, a few percent of the full-logits path even at N=4096, V=32000, while
-# each chunk's [128, d] x [d, 2048] product is still large enough for the BLAS. On CUDA the chunk is
-# only dS (bf16), written by the kernel and read by two cuBLAS products: 2**26 elements (128 MiB bf16)
-# keeps those products at full rate; vocabulary chunks of 32768 mean N x V is never materialised.
+# Chunking. The torch path's working memory is one (tokens x vocab) chunk of fp32 plus a handful of
+# same-sized temporaries (logits, exp, dS; twice that with a reference). A 2**18-element chunk (1 MiB)
+# keeps them near 8 MiB, a few percent of the full-logits path even at N=4096, V=32000, while each
+# chunk's [128, d] x [d, 2048] product is still large enough for a CPU BLAS; on a GPU (forced torch
+# backend) 2**22 elements keep ~100 MiB of temporaries and the products at a useful size.
+# The Triton path's only chunk is dS (bf16), written by the kernel and read by two cuBLAS products:
+# 2**26 elements (128 MiB). Its token chunk spans every token whenever it can (up to 65536), so each
+# vocabulary chunk's dW comes from one product written straight into the gradient, with no fp32
+# accumulation pass; vocabulary chunks of at most 32768 mean N x V is never materialised.
 # ---------------------------------------------------------------------------------------------------
-_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 26}
-_VOCAB_CHUNK = {"cpu": 2048, "cuda": 32768}
+_TORCH_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 22}
+_TORCH_VOCAB_CHUNK = 2048
+_TRITON_CHUNK_ELEMENTS = 1 << 26
+_TRITON_VOCAB_CHUNK = (1024, 32768)  # least, most
 
 
-def chunk_shape(num_tokens: int, vocab: int, device: torch.device) -> tuple[int, int]:
-    """(tokens, vocabulary entries) per chunk on ``device``."""
-    kind = "cuda" if device.type == "cuda" else "cpu"
-    v_chunk = max(1, min(vocab, _VOCAB_CHUNK[kind]))
-    n_chunk = max(1, min(num_tokens, _CHUNK_ELEMENTS[kind] // v_chunk))
+def chunk_shape(num_tokens: int, vocab: int, device: torch.device, backend: str = "torch") -> tuple[int, int]:
+    """(tokens, vocabulary entries) per chunk for ``backend`` on ``device``."""
+    if backend == "triton":
+        least, most = _TRITON_VOCAB_CHUNK
+        n_chunk = max(1, min(num_tokens, _TRITON_CHUNK_ELEMENTS // least))
+        v_chunk = max(1, min(vocab, most, _TRITON_CHUNK_ELEMENTS // n_chunk))
+        return n_chunk, v_chunk
+    budget = _TORCH_CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    v_chunk = max(1, min(vocab, _TORCH_VOCAB_CHUNK))
+    n_chunk = max(1, min(num_tokens, budget // v_chunk))
     return n_chunk, v_chunk
 
 
@@ -101,7 +112,11 @@ class _FusedTokenStats(torch.autograd.Function):
         has_ref = ref_hidden is not None
         stats_fn = _stats_triton if backend == "triton" else _stats_torch
         with torch.no_grad():
-            out = finalize(stats_fn(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau), has_ref)
+            if hidden.shape[0] == 0:  # no kernel launch for an empty grid
+                stats = hidden.new_zeros((NUM_STATS, 0), dtype=accumulation_dtype(hidden.dtype))
+            else:
+                stats = stats_fn(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau)
+            out = finalize(stats, has_ref)
         ctx.inv_tau, ctx.backend, ctx.has_ref = inv_tau, backend, has_ref
         ctx.save_for_backward(
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
@@ -132,14 +147,18 @@ class _FusedTokenStats(torch.autograd.Function):
             grad_kl_forward, grad_kl_reverse = dense(grad_kl_forward), dense(grad_kl_reverse)
             kl_rows = ((grad_kl_forward != 0) | (grad_kl_reverse != 0)).cpu()
 
+        triton_path = ctx.backend == "triton"
+        n_chunk, v_chunk = chunk_shape(n, vocab, hidden.device, ctx.backend)
+        # With every token in one chunk, each vocabulary slice of dW is a single product: it is written
+        # straight into the gradient, in its own dtype, instead of being summed over token chunks in fp32.
+        dw_in_one_product = n_chunk >= n
         dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_dw else None
+        dw = torch.zeros(weight.shape, dtype=weight.dtype if dw_in_one_product else acc,
+                         device=weight.device) if need_dw else None
         db = torch.zeros(vocab, dtype=acc, device=weight.device) if need_db else None
         if n and (need_dh or need_dw or need_db):
-            triton_path = ctx.backend == "triton"
             dlogits = _dlogits_triton if triton_path else chunk_dlogits
             operand_dtype = weight.dtype if triton_path else acc
-            n_chunk, v_chunk = chunk_shape(n, vocab, hidden.device)
             for j in range(0, vocab, v_chunk):
                 cols = slice(j, j + v_chunk)
                 w_j = weight[cols].to(operand_dtype)
@@ -161,7 +180,9 @@ class _FusedTokenStats(torch.autograd.Function):
                     ).to(operand_dtype)
                     if need_dh:
                         _accumulate_product(dh[rows], ds, w_j)
-                    if need_dw:
+                    if need_dw and dw_in_one_product:
+                        dw[cols] = ds.T @ hidden[rows].to(operand_dtype)
+                    elif need_dw:
                         _accumulate_product(dw[cols], ds.T, hidden[rows].to(operand_dtype))
                     if need_db:
                         db[cols] += ds.sum(dim=0, dtype=acc)
@@ -213,9 +234,8 @@ def _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, te
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{fn}: `ignore_index` must be an int; got {type(ignore_index).__name__}")
     v.check_targets(fn, "targets", targets, weight.shape[0], ignore_index)
-    backend = resolve_backend(device, hidden.dtype)
+    backend = resolve_backend(device, hidden.dtype, *((ref_hidden.dtype,) if has_ref else ()))
     if has_ref:
-        resolve_backend(device, ref_hidden.dtype)
         # The reference never gets a gradient: cut its graph so nothing of it is kept alive.
         ref_hidden, ref_weight = ref_hidden.detach(), ref_weight.detach()
         ref_bias = ref_bias.detach() if ref_bias is not None else None

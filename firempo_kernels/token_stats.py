@@ -87,8 +87,13 @@ def finalize(stats: torch.Tensor, has_ref: bool) -> TokenOutputs:
         return TokenOutputs(logp, None, None, None, lse, None, None)
     ref_lse = stats[M_T] + torch.log(stats[Z_T])
     expected_diff = stats[A_S] / stats[Z_S]
-    kl_reverse = expected_diff - lse + ref_lse
-    kl_forward = stats[A_T] / stats[Z_T] - ref_lse + lse
+    # lse - ref_lse as (m_s - m_t) + log(z_s / z_t), in float64: when the models nearly agree both
+    # log-sum-exps are O(|logit|) and almost equal, and subtracting them as rounded fp32 numbers would
+    # leave an error larger than the KL itself (the usual state early in training).
+    wide = torch.float64
+    lse_gap = (stats[M_S].to(wide) - stats[M_T].to(wide)) + torch.log(stats[Z_S].to(wide) / stats[Z_T].to(wide))
+    kl_reverse = (expected_diff.to(wide) - lse_gap).to(stats.dtype)
+    kl_forward = ((stats[A_T] / stats[Z_T]).to(wide) + lse_gap).to(stats.dtype)
     return TokenOutputs(logp, stats[Y_T] - ref_lse, kl_forward, kl_reverse, lse, ref_lse, expected_diff)
 
 

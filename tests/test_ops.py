@@ -259,9 +259,55 @@ def test_several_chunks_in_both_directions(monkeypatch):
     check_token_kl(300, 5000, 16, bias=True)
 
 
-def test_triton_backward_across_a_vocabulary_chunk(monkeypatch):
+@pytest.mark.parametrize("n", [40, 100], ids=["dW-in-one-product", "dW-summed-over-token-chunks"])
+def test_triton_backward_across_chunks(monkeypatch, n):
+    """Small chunks force several vocabulary chunks, and (n = 100) several token chunks."""
     monkeypatch.setenv("FIREMPO_BACKEND", "triton")
-    check_token_kl(17, 2100, 16)
+    monkeypatch.setattr(ops, "_TRITON_CHUNK_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(ops, "_TRITON_VOCAB_CHUNK", (64, 256))
+    n_chunk, v_chunk = ops.chunk_shape(n, 300, torch.device("cpu"), "triton")
+    assert v_chunk < 300 and (n_chunk < n) == (n == 100)
+    check_token_kl(n, 300, 16, bias=True)
+
+
+def test_near_identical_models_kl_as_accurate_as_eager_fp32(backend):
+    """Early in training the policy is the reference plus a little: the KL is tiny, and must not drown in
+    the rounding of two nearly equal log-sum-exps. Both paths round the same fp32 logits, so the fused KL
+    may differ from eager fp32 by its summation order: a factor 2 at most."""
+    n, vocab, d = 16, 1000, 32
+    h = torch.randn(n, d)
+    w = torch.randn(vocab, d) * 30 / d**0.5
+    y = torch.randint(0, vocab, (n,))
+    for eps in (1e-2, 1e-3):
+        rh = h + eps * torch.randn(n, d)
+        out = fk.fused_linear_token_kl(h, w, rh, w, y)
+        ref = reference_token_kl(h.double(), w.double(), y, rh.double(), w.double())
+        log_p, log_q = torch.log_softmax(h @ w.T, -1), torch.log_softmax(rh @ w.T, -1)
+        eager_forward = (log_q.exp() * (log_q - log_p)).sum(-1)
+        eager_reverse = (log_p.exp() * (log_p - log_q)).sum(-1)
+        assert rel_err(out.kl_forward, ref[2]) <= 2 * rel_err(eager_forward, ref[2]) + 1e-6
+        assert rel_err(out.kl_reverse, ref[3]) <= 2 * rel_err(eager_reverse, ref[3]) + 1e-6
+
+
+def test_statistics_layout_is_shared():
+    from firempo_kernels import csrc_triton, token_stats
+
+    assert csrc_triton.NUM_STATS == token_stats.NUM_STATS
+
+
+def test_vocabulary_split_fills_the_chip(monkeypatch):
+    """On a GPU with 132 SMs: one program per SM for few tokens, no split for many, and no grid at all
+    never divides by zero."""
+    from firempo_kernels.csrc_triton import configs
+
+    monkeypatch.setattr(configs, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"multi_processor_count": 132}))
+    cuda = torch.device("cuda")
+    assert configs.vocab_splits(1, 1187, cuda) == 132
+    assert configs.vocab_splits(128, 1187, cuda) == 2
+    assert configs.vocab_splits(1000, 1187, cuda) == 1
+    assert configs.vocab_splits(0, 1187, cuda) == 132
+    assert configs.vocab_splits(1, 5, cuda) == 5
 
 
 def test_triton_backend_runs_the_kernels(monkeypatch):

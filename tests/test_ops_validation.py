@@ -67,9 +67,13 @@ def test_backend_choice(monkeypatch):
     with pytest.raises(ValueError, match="FIREMPO_BACKEND must be one of"):
         call()
     monkeypatch.setenv("FIREMPO_BACKEND", "triton")
-    with pytest.raises(TypeError, match="float64 runs on FIREMPO_BACKEND=torch"):
+    with pytest.raises(TypeError, match="other dtypes run on FIREMPO_BACKEND=torch"):
         args = {k: v.double() if v.is_floating_point() else v for k, v in good().items()}
         fk.fused_linear_token_kl(*args.values())
+    with pytest.raises(TypeError, match="one dtype for the policy and the reference"):
+        args = good()
+        fk.fused_linear_token_kl(args["hidden"], args["weight"], args["ref_hidden"].half(),
+                                 args["ref_weight"].half(), args["targets"])
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1"):
         call()
