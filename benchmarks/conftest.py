@@ -10,10 +10,14 @@ Peak memory here is taken in-process (``extra_info``); the numbers in RESULTS.md
 ``benchmarks/report.py``, which measures each case in a fresh process.
 """
 
+import os
 import sys
 from pathlib import Path
 
-import pytest
+# Before torch loads its OpenMP runtime: sleeping barrier waits (see benchmarks/report.py, worker_env).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 

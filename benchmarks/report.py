@@ -50,7 +50,7 @@ class Section:
 @dataclass
 class Profile:
     sections: list[Section]
-    target_s: float = 8.0
+    target_s: float = 5.0
     min_reps: int = 3
     max_reps: int = 15
     case_timeout_s: float = 300.0
