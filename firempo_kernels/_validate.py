@@ -79,6 +79,10 @@ def check_head(fn: str, weight_name: str, weight: torch.Tensor, bias_name: str, 
                 f"got {tuple(bias.shape)}"
             )
         check_same_dtype(fn, bias_name, bias, weight_name, weight)
+        if bias.numel() and not bool(torch.isfinite(bias).all()):
+            # A -inf entry (a masked vocabulary entry) makes p log p a 0 * inf: the KL would be NaN.
+            raise ValueError(f"{fn}: `{bias_name}` must be finite; got {int((~torch.isfinite(bias)).sum())} "
+                             "non-finite entries (mask vocabulary entries with targets, not with -inf)")
 
 
 def check_hidden(fn: str, name: str, hidden, weight_name: str, weight: torch.Tensor, targets: torch.Tensor) -> None:
