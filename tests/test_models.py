@@ -41,13 +41,17 @@ def processor_style_inputs(model, batch, images):
     return inputs
 
 
-def batch_for(model, n=3, seed=0):
-    return PreferenceCollator(0)(synthetic_examples(model.config, n, seed=seed, corrupted_every=2))
+def draw_seed() -> int:
+    return int(torch.randint(0, 2**20, ()))
+
+
+def batch_for(model, n=3):
+    return PreferenceCollator(0)(synthetic_examples(model.config, n, seed=draw_seed(), corrupted_every=2))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hidden_states_are_the_heads_input(family):
-    model = tiny_model(family, seed=0)
+    model = tiny_model(family, seed=draw_seed())
     adapter = get_adapter(model)
     assert type(adapter) is EXPECTED_ADAPTER[family]
     batch = batch_for(model)
@@ -68,7 +72,7 @@ def test_hidden_states_are_the_heads_input(family):
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
 def test_vision_inputs_reach_the_hidden_states(family):
-    model = tiny_model(family, seed=0)
+    model = tiny_model(family, seed=draw_seed())
     adapter = get_adapter(model)
     batch = batch_for(model, n=1)
     images = {k: torch.cat((v, v)) for k, v in batch.images.items()}
@@ -107,8 +111,9 @@ def firempo_loss_from_logits(logits, ref_logits, labels, weights, has_v_prime, *
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_adapter_loss_equals_full_logits_loss(family):
-    policy, reference = tiny_model(family, seed=0).train(), tiny_model(family, seed=1)
-    batch = batch_for(policy, n=3, seed=1)
+    seed = draw_seed()
+    policy, reference = tiny_model(family, seed=seed).train(), tiny_model(family, seed=seed + 1)
+    batch = batch_for(policy, n=3)
     hp = dict(beta=0.5, alpha=0.3, gamma=0.7, lambda_=0.3)
     out = compute_firempo_loss(policy, reference, batch, FiReMPOLoss(**hp))
     out.loss.backward()
@@ -127,12 +132,17 @@ def test_adapter_loss_equals_full_logits_loss(family):
     expected = firempo_loss_from_logits(full_logits(policy, True), full_logits(reference, False), labels, weights,
                                         batch.has_corrupted_image, **hp)
     expected.backward()
-    # fp32 hidden states and head on both sides; the loss accumulates in fp32 over a handful of tokens.
-    torch.testing.assert_close(out.loss.double(), expected.detach(), rtol=1e-5, atol=1e-7)
+    # Same fp32 model on both sides; the fused loss sums fp32 terms over a few dozen span tokens, the
+    # reference sums float64: ~1e-7 relative, with margin. Gradients are compared per tensor in norm, plus
+    # 1e-7 of the whole gradient's norm: fp32 rounding follows the size of the terms summed, which only
+    # shows in tensors whose gradient nearly cancels (a key bias without RoPE has an exactly zero one).
+    torch.testing.assert_close(out.loss.double(), expected.detach(), rtol=1e-5, atol=0.0)
     assert fused_grads.keys() == {n for n, p in policy.named_parameters() if p.grad is not None}
+    total = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]).norm().item()
     for name, p in policy.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(fused_grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+            error, scale = (fused_grads[name] - p.grad).norm().item(), p.grad.norm().item()
+            assert error <= 1e-5 * scale + 1e-7 * total, f"{name}: |diff| {error:.3e}, |grad| {scale:.3e}"
 
 
 def test_unsupported_class_names_how_to_register():

@@ -26,9 +26,10 @@ def make_policy(seed: int, frozen_head: bool = False) -> torch.nn.Module:
     policy = tiny_model(FAMILY, seed=seed).train()
     if frozen_head:
         policy.get_output_embeddings().weight.requires_grad_(False)
-    # A key bias adds q.b_k to every score of a query, which the softmax cancels: its gradient is zero in
-    # exact arithmetic, so Adam would turn pure rounding noise into learning-rate-sized steps that differ
-    # with every summation order. Freeze it so the weight comparison is between well-defined updates.
+    # A key bias adds q.R(b_k) to the scores of a query, the same for every key up to the rotary angle, and
+    # the softmax cancels what is the same: its gradient nearly cancels, some entries sit at the level of
+    # fp32 rounding (which changes with the order of the sums across ranks), and Adam's normalised step
+    # turns that noise into learning-rate-sized moves. Freeze it so the weights compared are well defined.
     for name, p in policy.named_parameters():
         if name.endswith("k_proj.bias"):
             p.requires_grad_(False)

@@ -1,0 +1,215 @@
+"""The thin adapter, the wrapped module, the precomputed-reference store and the run-config plumbing, in one
+process without DeepSpeed (the ZeRO-3 runs are in test_trainer_distributed.py)."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from firempo_kernels.integrations.batch import PreferenceCollator
+from firempo_kernels.integrations.precompute import PrecomputedReferenceStore, precompute_reference
+from firempo_kernels.integrations.smoke import synthetic_examples, tiny_model
+from firempo_kernels.integrations.trainer import (
+    ADAPTERS_DISABLED,
+    FiReMPOModule,
+    TrainerConfig,
+    build_deepspeed_config,
+    compute_firempo_loss,
+    cosine_schedule,
+    load_deepspeed_config,
+)
+from firempo_kernels.losses import FiReMPOLoss
+
+peft = pytest.importorskip("peft")
+
+FAMILY = "qwen2_5_vl"
+HP = dict(beta=0.5, alpha=0.2, gamma=0.5, lambda_=0.3)
+
+
+def draw_seed() -> int:
+    return int(torch.randint(0, 2**20, ()))
+
+
+def examples(n, seed, corrupted_every=2):
+    return synthetic_examples(tiny_model(FAMILY).config, n, seed=seed, corrupted_every=corrupted_every)
+
+
+def loss_and_grads(model, reference, batch, loss_fn, **kwargs):
+    model.zero_grad(set_to_none=True)
+    out = compute_firempo_loss(model, reference, batch, loss_fn, **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out, grads
+
+
+def assert_same(a, b, rtol):
+    """Loss within ``rtol`` relative; each gradient tensor within ``rtol`` relative in norm, plus 1e-7 of the
+    whole gradient's norm (fp32 rounding follows the size of the terms summed, not of a sum that nearly
+    cancels, so single entries are no measure)."""
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    torch.testing.assert_close(out_a.loss, out_b.loss, rtol=rtol, atol=0.0)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    total = torch.cat([g.flatten() for g in grads_b.values()]).norm().item()
+    for name in grads_a:
+        scale = grads_b[name].norm().item()
+        error = (grads_a[name] - grads_b[name]).norm().item()
+        assert error <= rtol * scale + 1e-7 * total, f"{name}: |diff| {error:.3e}, |grad| {scale:.3e}"
+
+
+def lora_policy(seed):
+    base = tiny_model(FAMILY, seed=seed)
+    policy = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():  # LoRA starts as the identity; move it so policy and reference differ
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    return policy.train()
+
+
+def test_adapters_disabled_reference_equals_a_frozen_copy_of_the_base_model():
+    seed = draw_seed()
+    policy = lora_policy(seed)
+    base_copy = tiny_model(FAMILY, seed=seed)  # the same random weights as the policy's base
+    batch = PreferenceCollator(0)(examples(3, seed))
+    loss_fn = FiReMPOLoss(**HP)
+    live = loss_and_grads(policy, ADAPTERS_DISABLED, batch, loss_fn)
+    separate = loss_and_grads(policy, base_copy, batch, loss_fn)
+    # The same modules on the same inputs: only the reference head is another (equal) tensor.
+    assert_same(live, separate, rtol=1e-6)
+    assert live[0].metrics["kl/forward"] > 0
+    assert all("lora_" in name for name in live[1])  # the base model (head included) stays frozen
+    assert policy.training  # the reference pass switched dropout off only while it ran
+
+
+@pytest.mark.parametrize("gamma", [0.5, 0.0])
+def test_precomputed_reference_equals_live_reference(tmp_path, gamma):
+    seed = draw_seed()
+    policy, reference = tiny_model(FAMILY, seed=seed).train(), tiny_model(FAMILY, seed=seed + 1)
+    data = examples(5, seed)
+    collate = PreferenceCollator(0)
+    # Stored from batches of another composition than the training batches; always with the (v', .) blocks.
+    precompute_reference(reference, [collate(data[:3]), collate(data[3:])], tmp_path, progress=False)
+    store = PrecomputedReferenceStore(tmp_path)
+    assert len(store) == 5 and store.metadata["include_corrupted"]
+    loss_fn = FiReMPOLoss(**{**HP, "gamma": gamma})
+    for batch in (collate([data[4], data[1]]), collate([data[1]]), collate(data)):
+        live = loss_and_grads(policy, reference, batch, loss_fn)
+        stored = loss_and_grads(policy, store.lookup(batch.example_ids), batch, loss_fn, reference_head=store.head())
+        # The same reference values reach the loss; the policy-side arithmetic is the same but split into
+        # two op calls, so only the order of a few fp32 sums differs.
+        assert_same(live, stored, rtol=1e-5)
+
+
+def test_precomputed_reference_shares_a_frozen_policy_head(tmp_path):
+    """The paper's LoRA setting: the reference is the policy without adapters, the head is frozen and
+    shared, so the store's head is not needed."""
+    seed = draw_seed()
+    policy = lora_policy(seed)
+    data = examples(4, seed, corrupted_every=3)
+    collate = PreferenceCollator(0)
+    precompute_reference(policy, [collate(data)], tmp_path, progress=False)
+    store = PrecomputedReferenceStore(tmp_path)
+    loss_fn = FiReMPOLoss(**HP)
+    module = FiReMPOModule(policy, loss_fn, "precomputed").train()
+    # A batch without any v' while the loop asks for the (v', .) pass (another rank has one).
+    for batch, corrupted in ((collate(data[1:3]), True), (collate(data), None)):
+        live = loss_and_grads(policy, ADAPTERS_DISABLED, batch, loss_fn, corrupted_pass=corrupted)
+        module.zero_grad(set_to_none=True)
+        out = module(batch, store.lookup(batch.example_ids), corrupted_pass=corrupted)
+        out.loss.backward()
+        grads = {n.removeprefix("policy."): p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        assert_same(live, (out, grads), rtol=1e-5)
+    assert "visual/margins" in out.metrics
+
+
+def test_module_keeps_its_reference_frozen_and_in_eval_mode():
+    seed = draw_seed()
+    module = FiReMPOModule(tiny_model(FAMILY, seed=seed), FiReMPOLoss(), tiny_model(FAMILY, seed=seed + 1))
+    module.train()
+    assert module.policy.training and not module.reference.training
+    assert not any(p.requires_grad for p in module.reference.parameters())
+    batch = PreferenceCollator(0)(examples(2, seed))
+    with pytest.raises(ValueError, match="`precomputed` reference but the module's reference is 'model'"):
+        module(batch, precomputed=object())
+
+
+def test_bad_arguments_are_named():
+    seed = draw_seed()
+    policy = tiny_model(FAMILY, seed=seed)
+    batch = PreferenceCollator(0)(examples(2, seed))
+    with pytest.raises(TypeError, match="needs a peft model"):
+        compute_firempo_loss(policy, ADAPTERS_DISABLED, batch, FiReMPOLoss())
+    with pytest.raises(TypeError, match="`batch` must be a PreferenceBatch"):
+        compute_firempo_loss(policy, policy, dataclasses.asdict(batch), FiReMPOLoss())
+    with pytest.raises(TypeError, match="`reference` must be"):
+        compute_firempo_loss(policy, "policy", batch, FiReMPOLoss())
+    with pytest.raises(ValueError, match="`reference_head` goes with a PrecomputedReference"):
+        compute_firempo_loss(policy, tiny_model(FAMILY), batch, FiReMPOLoss(), reference_head=(None, None))
+    with pytest.raises(ValueError, match="policy object itself"):
+        FiReMPOModule(policy, FiReMPOLoss(), policy)
+    with pytest.raises(TypeError, match="needs a peft policy"):
+        FiReMPOModule(policy, FiReMPOLoss(), ADAPTERS_DISABLED)
+
+
+def test_store_refuses_a_loss_it_cannot_serve(tmp_path):
+    seed = draw_seed()
+    reference = tiny_model(FAMILY, seed=seed)
+    collate = PreferenceCollator(0)
+    precompute_reference(reference, [collate(examples(2, seed))], tmp_path, keep_hidden=False,
+                         include_corrupted=False, progress=False)
+    store = PrecomputedReferenceStore(tmp_path)
+    with pytest.raises(ValueError, match="alpha > 0"):
+        store.check_compatible(temperature=1.0, ignore_index=-100, needs_hidden=True, needs_corrupted=False)
+    with pytest.raises(ValueError, match="gamma > 0"):
+        store.check_compatible(temperature=1.0, ignore_index=-100, needs_hidden=False, needs_corrupted=True)
+    with pytest.raises(ValueError, match="temperature=1.0"):
+        store.check_compatible(temperature=2.0, ignore_index=-100, needs_hidden=False, needs_corrupted=False)
+    with pytest.raises(KeyError, match="other data"):
+        store.get("not-an-example")
+    with pytest.raises(FileNotFoundError, match="without hidden states"):
+        store.head()
+    with pytest.raises(FileNotFoundError, match="build the store first"):
+        PrecomputedReferenceStore(tmp_path / "missing")
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = cosine_schedule(opt, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(10):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    expected = [2.0 / 3, 4.0 / 3] + [2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 8))) for k in range(8)]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        cosine_schedule(opt, total_steps=3, warmup_steps=4)
+
+
+def test_deepspeed_config_auto_fields_come_from_the_run():
+    cfg = TrainerConfig(learning_rate=5e-7, micro_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5)
+    for name in ("zero3", "zero3_offload"):
+        ds = build_deepspeed_config(load_deepspeed_config(name), cfg, world_size=8, bf16=True)
+        assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 2
+        assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
+        assert ds["bf16"]["enabled"] is True and ds["optimizer"]["params"]["lr"] == 5e-7
+        assert ds["zero_optimization"]["stage"] == 3
+        assert "auto" not in str(ds)
+    explicit = load_deepspeed_config("zero3")
+    explicit["gradient_accumulation_steps"] = 2
+    with pytest.raises(ValueError, match="`gradient_accumulation_steps` = 2 but the run asks for 4"):
+        build_deepspeed_config(explicit, cfg, world_size=1, bf16=False)
+    with pytest.raises(FileNotFoundError, match="zero2"):
+        load_deepspeed_config("zero2")
+
+
+def test_trainer_config_checks_its_fields():
+    assert TrainerConfig().learning_rate == 1e-6 and TrainerConfig().epochs == 1  # the paper's defaults
+    with pytest.raises(ValueError, match="`micro_batch_size` must be an int >= 1; got 0"):
+        TrainerConfig(micro_batch_size=0)
+    with pytest.raises(ValueError, match="`warmup_ratio` must lie in"):
+        TrainerConfig(warmup_ratio=1.5)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lr'\]"):
+        TrainerConfig.from_dict({"lr": 1e-6})
