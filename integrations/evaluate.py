@@ -30,7 +30,7 @@ import torch
 
 from .data._progress import progress
 from .data.dataset import PromptEncoder, load_image
-from .data.editors import _mentions, _replace
+from .data.editors import find_candidates, replace_spans
 from .data.records import QARecord, load_qa_records
 from .data.tags import encode_response
 
@@ -109,12 +109,12 @@ def candidate_responses(record: QARecord) -> list[tuple[str, str]] | None:
     """
     if not record.candidates or record.ground_truth is None:
         return None
-    said = _mentions(record.candidates, record.ground_truth)
+    said = find_candidates(record.candidates, record.ground_truth)
     if len(said) != 1:
         return None
     (right, spans), = said.items()
     others = [c for c in record.candidates if c != right]
-    return [(right, record.ground_truth)] + [(c, _replace(record.ground_truth, spans, c)) for c in others]
+    return [(right, record.ground_truth)] + [(c, replace_spans(record.ground_truth, spans, c)) for c in others]
 
 
 @dataclass

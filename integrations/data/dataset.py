@@ -65,9 +65,10 @@ class PromptEncoder:
         if self.prompt_template is not None:
             image_token = getattr(self.processor, "image_token", None) or ""
             return self.prompt_template.format(question=question, image=image_token)
-        content = ([{"type": "image"}] if self.multimodal else []) + [{"type": "text", "text": question}]
-        if not self.multimodal:
-            content = question  # text tokenizers' templates take a string
+        if self.multimodal:
+            content: Any = [{"type": "image"}, {"type": "text", "text": question}]
+        else:
+            content = question  # text tokenizers' chat templates take a string
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )

@@ -61,8 +61,10 @@ def _match_case(template: str, word: str) -> str:
     return word
 
 
-def _mentions(candidates: Sequence[str], text: str) -> dict[str, list[tuple[int, int]]]:
-    """Candidates that occur in ``text``, longest first so that ``upper left`` is not read as ``left``."""
+def find_candidates(candidates: Sequence[str], text: str) -> dict[str, list[tuple[int, int]]]:
+    """The candidates (phrases) that occur in ``text`` as whole words, case-insensitively, with their
+    ``(start, end)`` character spans; longer candidates claim their words first, so that ``upper left`` is
+    not also read as ``left``."""
     found: dict[str, list[tuple[int, int]]] = {}
     taken: list[tuple[int, int]] = []
     for cand in sorted(candidates, key=lambda c: (-len(c), c)):
@@ -73,7 +75,8 @@ def _mentions(candidates: Sequence[str], text: str) -> dict[str, list[tuple[int,
     return found
 
 
-def _replace(text: str, spans: Sequence[tuple[int, int]], new: str) -> str:
+def replace_spans(text: str, spans: Sequence[tuple[int, int]], new: str) -> str:
+    """``text`` with each ``(start, end)`` span replaced by ``new``, keeping a capital first letter."""
     out, pos = [], 0
     for a, b in spans:
         out += [text[pos:a], _match_case(text[a:b], new)]
@@ -104,18 +107,18 @@ class RuleBasedEditor:
         return self._open(record, answer, gt)
 
     def _closed(self, record: QARecord, answer: str, gt: str) -> Edit | None:
-        gt_keys = list(_mentions(record.candidates, gt))
+        gt_keys = list(find_candidates(record.candidates, gt))
         if len(gt_keys) != 1:
             return self._open(record, answer, gt)
         right = gt_keys[0]
-        said = _mentions(record.candidates, answer)
+        said = find_candidates(record.candidates, answer)
         others = [c for c in record.candidates if c != right]
         if set(said) == {right}:
             wrong = others[record_seed(record.id) % len(others)]
-            return Edit(correct=True, edited=_replace(answer, said[right], wrong))
+            return Edit(correct=True, edited=replace_spans(answer, said[right], wrong))
         wrong_said = [c for c in said if c != right]
         if len(wrong_said) == 1 and right not in said:
-            return Edit(correct=False, edited=_replace(answer, said[wrong_said[0]], right))
+            return Edit(correct=False, edited=replace_spans(answer, said[wrong_said[0]], right))
         return Edit(correct=False, edited=gt)
 
     def _open(self, record: QARecord, answer: str, gt: str) -> Edit | None:
@@ -125,7 +128,7 @@ class RuleBasedEditor:
         for wrong in sorted(record.wrong_answers, key=lambda w: (-len(w), w)):
             spans = _find(wrong, answer)
             if spans and len(_norm(wrong).split()) < len(_norm(answer).split()):
-                return Edit(correct=False, edited=_replace(answer, spans, gt))
+                return Edit(correct=False, edited=replace_spans(answer, spans, gt))
         return Edit(correct=False, edited=gt)
 
     def _counterfactual(
@@ -136,7 +139,7 @@ class RuleBasedEditor:
             return None
         if right_spans and _norm(gt) != _norm(answer):  # ground truth is a phrase inside the answer
             wrong = sorted(wrongs)[record_seed(record.id) % len(wrongs)]
-            return Edit(correct=True, edited=_replace(answer, right_spans, wrong))
+            return Edit(correct=True, edited=replace_spans(answer, right_spans, wrong))
         closest = max(wrongs, key=lambda w: (SequenceMatcher(a=answer.split(), b=w.split()).ratio(), w))
         return Edit(correct=True, edited=closest)
 
