@@ -205,7 +205,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_curves(rows: Sequence[dict[str, Any]], png: Path) -> Path:
+def plot_curves(rows: Sequence[dict[str, Any]], png: Path, *, dpi: int = 110) -> Path:
     """One PNG with loss, reward margin, reward accuracy and both KLs over the optimizer steps."""
     import matplotlib
 
@@ -226,7 +226,7 @@ def plot_curves(rows: Sequence[dict[str, Any]], png: Path) -> Path:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    fig.savefig(png, dpi=dpi)
     plt.close(fig)
     return png
 

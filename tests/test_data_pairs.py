@@ -186,3 +186,21 @@ def test_greedy_answers_from_a_tiny_llava_are_deterministic(tmp_path):
     assert processor.tokenizer.padding_side == "right"  # restored after generation
     with pytest.raises(ValueError, match="`batch_size` must be a positive int"):
         bp.GreedyAnswerer(model, processor, batch_size=0)
+
+
+def test_llm_editor_on_a_local_model(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from firempo_kernels.integrations.data.embedded import build_word_tokenizer
+
+    tok = build_word_tokenizer()
+    tok.chat_template = None  # a plain causal LM: the prompt goes in as it is
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    editor = LLMEditor.from_pretrained(str(tmp_path), max_new_tokens=3)
+    reply = editor.generate("Where is the lesion?")
+    assert isinstance(reply, str) and editor.generate("Where is the lesion?") == reply  # greedy
+    assert editor(SIDE, "The lesion is in the right lung") is None  # no JSON in a random model's words
