@@ -4,12 +4,20 @@ One distribution, one import namespace. The top-level source folders ``csrc_trit
 ``integrations/`` are mapped into ``firempo_kernels`` so nothing generic lands in site-packages.
 """
 
+from pathlib import Path
+
 from setuptools import setup
 
-PACKAGES = {
+# Source folder -> package name inside the one namespace; every subpackage below them comes along.
+ROOTS = {
     "firempo_kernels": "firempo_kernels",
-    "firempo_kernels.csrc_triton": "csrc_triton",
-    "firempo_kernels.integrations": "integrations",
+    "csrc_triton": "firempo_kernels.csrc_triton",
+    "integrations": "firempo_kernels.integrations",
+}
+PACKAGES = {
+    ".".join((package, *init.parent.relative_to(folder).parts)): init.parent.as_posix()
+    for folder, package in ROOTS.items()
+    for init in sorted(Path(folder).rglob("__init__.py"))
 }
 
 setup(
