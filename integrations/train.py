@@ -97,26 +97,31 @@ def load_run_config(path: str | os.PathLike) -> dict[str, Any]:
     unknown = sorted(set(config) - set(_SECTIONS))
     if unknown:
         raise ValueError(f"firempo-train: unknown section(s) {unknown} in {path}; known: {list(_SECTIONS)}")
-    # Relative paths in the config are relative to the config file.
+    # Input paths (model, data, processor, precomputed reference, DeepSpeed JSON) are looked up beside the
+    # config file first; the output directory is relative to the working directory.
     config["_base_dir"] = str(path.resolve().parent)
     return config
 
 
 def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML: numbers, booleans, lists, null)."""
+    """Apply ``section.key=value`` (or ``section=value``, e.g. ``deepspeed=zero3_offload``) overrides; values
+    are parsed as YAML: numbers, booleans, lists, null."""
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ValueError(f"firempo-train: override {item!r} must look like section.key=value")
-        dotted, raw = item.split("=", 1)
+        dotted, sep, raw = item.partition("=")
         keys = dotted.split(".")
+        if not sep or not all(keys):
+            raise ValueError(f"firempo-train: override {item!r} must look like section.key=value")
         if keys[0] not in _SECTIONS:
             raise ValueError(f"firempo-train: override {item!r} names unknown section {keys[0]!r}; known: {list(_SECTIONS)}")
         node = config
-        for key in keys[:-1]:
-            child = node.get(key)
-            if child is None or isinstance(child, str):
-                child = {} if child is None else {"name": child}
-                node[key] = child
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ValueError(
+                    f"firempo-train: override {item!r}: `{'.'.join(keys[:depth + 1])}` is {child!r}, not a section"
+                )
             node = child
         node[keys[-1]] = _parse_yaml(raw)
     return config
@@ -252,7 +257,7 @@ def _build_dataset(config: dict[str, Any], model_config, ignore_index: int):
             pad_token_id = getattr(model_config.get_text_config(), "pad_token_id", None)
         # Padding is never attended to nor labelled, so any valid id serves when the model names none.
         collate = PreferenceCollator(int(pad_token_id or 0), ignore_index=ignore_index, pad_to_multiple_of=pad_multiple)
-    return dataset, collate
+    return dataset, collate, processor
 
 
 def _default_precomputed_dir(config: dict[str, Any]) -> str:
@@ -274,8 +279,6 @@ def build_run(config: dict[str, Any], *, rank: int, log, precompute: bool = Fals
     from .trainer import ADAPTERS_DISABLED, FiReMPOModule, TrainerConfig
 
     training = TrainerConfig.from_dict(dict(config.get("training") or {}))
-    if not Path(training.output_dir).is_absolute():
-        training.output_dir = str(Path(config["_base_dir"]) / training.output_dir)
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if training.bf16() else torch.float32
     model_spec = dict(config.get("model") or {})
@@ -327,13 +330,13 @@ def build_run(config: dict[str, Any], *, rank: int, log, precompute: bool = Fals
     if precompute:
         if isinstance(reference, str):  # the reference pass runs the initial policy (adapters disabled)
             reference = policy
-        dataset, collate = _build_dataset(config, _unwrapped_config(policy), loss_fn.ignore_index)
+        dataset, collate, _ = _build_dataset(config, _unwrapped_config(policy), loss_fn.ignore_index)
         return {"reference": reference, "is_policy": reference is policy, "dataset": dataset,
                 "collate": collate, "training": training, "loss_fn": loss_fn}
     module = FiReMPOModule(policy, loss_fn, reference, reference_head=reference_head)
-    dataset, collate = _build_dataset(config, _unwrapped_config(policy), loss_fn.ignore_index)
+    dataset, collate, processor = _build_dataset(config, _unwrapped_config(policy), loss_fn.ignore_index)
     return {"module": module, "dataset": dataset, "collate": collate, "training": training,
-            "loss_fn": loss_fn, "mode": mode, "store": store}
+            "loss_fn": loss_fn, "mode": mode, "store": store, "processor": processor}
 
 
 def _unwrapped_config(model):
@@ -414,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer = FiReMPOTrainer(run["module"], run["dataset"], run["collate"], run["training"], ds_config,
                                  reference_store=run["store"])
         result = trainer.train()
+        final = Path(run["training"].output_dir) / "final"
+        if rank == 0 and run["processor"] is not None and run["training"].save_final_model:
+            run["processor"].save_pretrained(str(final))  # the saved folder loads as a whole, processor included
         log(f"done: {result.global_step} steps; metrics in {Path(run['training'].output_dir) / 'metrics.jsonl'}")
         return 0
     finally:

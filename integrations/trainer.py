@@ -162,6 +162,8 @@ def compute_firempo_loss(
         raise TypeError(f"{fn}: `batch` must be a PreferenceBatch; got {type(batch).__name__}")
     if not isinstance(loss_fn, FiReMPOLoss):
         raise TypeError(f"{fn}: `loss_fn` must be a FiReMPOLoss; got {type(loss_fn).__name__}")
+    if reference_head is not None and not isinstance(reference, PrecomputedReference):
+        raise ValueError(f"{fn}: `reference_head` goes with a PrecomputedReference only; a live reference has its own")
     adapter = adapter or get_adapter(model)
     weight, bias = adapter.head(model)
     if batch.input_ids.device != weight.device:
@@ -206,8 +208,6 @@ def compute_firempo_loss(
             f"{fn}: `reference` must be an nn.Module, a PrecomputedReference or {ADAPTERS_DISABLED!r}; "
             f"got {type(reference).__name__}"
         )
-    if not isinstance(reference, PrecomputedReference) and reference_head is not None:
-        raise ValueError(f"{fn}: `reference_head` goes with a PrecomputedReference only; a live reference has its own")
     if ref_weight is weight:
         ref_weight, ref_bias = None, None  # the loss then shares the head (and its bias) explicitly
     return loss_fn(

@@ -213,3 +213,32 @@ def test_trainer_config_checks_its_fields():
         TrainerConfig(warmup_ratio=1.5)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['lr'\]"):
         TrainerConfig.from_dict({"lr": 1e-6})
+
+
+def test_transformers_trainer_recipe_trains_on_the_window_mean(tmp_path):
+    """The README recipe: the Trainer's model is the FiReMPOModule (so under ZeRO-3 the head is read inside
+    the wrapped forward), batches travel in a dict, compute_loss calls the module."""
+    import transformers
+
+    seed = draw_seed()
+    module = FiReMPOModule(tiny_model(FAMILY, seed=seed), FiReMPOLoss(**HP), tiny_model(FAMILY, seed=seed + 1))
+    data = examples(4, seed)
+    collate = PreferenceCollator(0)
+    with torch.no_grad():
+        expected = module.train()(collate(data)).loss.item()
+
+    class FiReMPOHFTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = model(inputs["batch"])
+            return (out.loss, out.metrics) if return_outputs else out.loss
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1,
+        learning_rate=1e-4, remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
+        seed=seed,
+    )
+    trainer = FiReMPOHFTrainer(model=module, args=args, train_dataset=data,
+                               data_collator=lambda batch: {"batch": collate(batch)})
+    result = trainer.train()
+    # Two equal micro-batches, each a mean, divided by the accumulation steps: the mean of all four.
+    assert result.training_loss == pytest.approx(expected, rel=1e-5)

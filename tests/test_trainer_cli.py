@@ -71,8 +71,12 @@ def test_overrides_parse_yaml_values():
     assert config["training"]["learning_rate"] == 5e-7 and config["lora"] == {"enabled": True}
     assert config["loss"]["visual_pairing"] == "cross" and config["data"]["synthetic"]["num_examples"] == 4
     assert config["training"]["adam_betas"] == [0.9, 0.95]
+    train.apply_overrides(config, ["deepspeed=zero3_offload"])
+    assert config["deepspeed"] == "zero3_offload"
     with pytest.raises(ValueError, match="section.key=value"):
-        train.apply_overrides(config, ["learning_rate=1"])
+        train.apply_overrides(config, ["training.learning_rate"])
+    with pytest.raises(ValueError, match="`deepspeed` is 'zero3_offload', not a section"):
+        train.apply_overrides(config, ["deepspeed.stage=2"])
     with pytest.raises(ValueError, match="unknown section 'optimizer'"):
         train.apply_overrides(config, ["optimizer.lr=1"])
 
