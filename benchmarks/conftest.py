@@ -1,6 +1,7 @@
 """The pytest-benchmark suite: every method of every workload, forward, backward and both.
 
-    pytest benchmarks/                          # the report's CPU shapes (N = 4096, V = 32000, ...)
+    pytest benchmarks/                          # the report's CPU shapes (N = 4096, V = 32000, ...): ~40 min
+                                                # on a quiet 2-core machine; select with -k
     pytest benchmarks/ --bench-size small       # quick shapes
     pytest benchmarks/ --bench-device cuda      # V = 151936, d = 3584, bf16
     pytest benchmarks/ -k "loss and vqa"        # one regime

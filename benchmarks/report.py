@@ -36,6 +36,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- BEGIN GENERATED: benchmarks/report.py -->", "<!-- END GENERATED -->"
 COMMAND = "make bench  (= .venv/bin/python benchmarks/report.py)"
+METHOD_COLORS = {"fused": "C0", "naive": "C3", "naive_masked": "C1", "compiled": "C2", "torch_lce": "C4",
+                 "liger": "C5"}
 
 
 @dataclass
@@ -338,6 +340,8 @@ def _ratio(a, b):
     if a is None or b is None or b == 0:
         return "-"
     r = a / b
+    if r < 0.1:  # two decimals where a threshold sits (2%, 5%, 10%)
+        return f"{100 * r:.2f}%"
     return f"{100 * r:.1f}%" if r < 0.995 else f"{r:.2f}x"
 
 
@@ -380,7 +384,7 @@ def checks_table(results: list[dict]) -> str:
     lines = ["| check | fused | baseline | ratio | threshold | result |", "|---|---:|---:|---:|---:|---|"]
     for r in results:
         unit = " ms" if r.get("quantity") == "time_ms" else " MiB"
-        ratio = "-" if r["ratio"] is None else (f"{100 * r['ratio']:.1f}%" if r["threshold"] < 1 else f"{r['ratio']:.2f}x")
+        ratio = "-" if r["ratio"] is None else (f"{100 * r['ratio']:.2f}%" if r["threshold"] < 1 else f"{r['ratio']:.2f}x")
         thr = f"{100 * r['threshold']:.0f}%" if r["threshold"] < 1 else f"{r['threshold']:.2f}x"
         lines.append(f"| {r['check']} | {_fmt(r.get('fused'))}{unit if r['ratio'] is not None else ''} | "
                      f"{_fmt(r.get('baseline'))}{unit if r['ratio'] is not None else ''} | {ratio} | {thr} | "
@@ -448,30 +452,39 @@ def plot(section: Section, records: list[dict], path: Path, machine: dict) -> bo
     by_case = {Case.from_dict(r["case"]): r for r in records}
     x_of = (lambda c: c.vocab) if section.sweep == "vocab" else (lambda c: c.spans)
     series: dict = {}
+    floor: dict = {}
     for c in section.cases:
         r = by_case.get(c)
         if r and r.get("status") == "ok":
             series.setdefault(c.method, []).append((x_of(c), r["peak_extra_mib"], r["time_ms"]))
+            floor[x_of(c)] = c.gradient_mib
     if not series:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for method, pts in series.items():
-        pts.sort()
+    for method in [m for m in METHOD_NOTES if m in series]:
+        pts = sorted(series[method])
         xs = [p[0] for p in pts]
-        style = dict(marker="o", linewidth=2.5 if method == "fused" else 1.4, label=method)
+        style = dict(marker="o", color=METHOD_COLORS[method], label=method,
+                     linewidth=2.8 if method == "fused" else 1.4, zorder=3 if method == "fused" else 2)
         axes[0].plot(xs, [p[1] for p in pts], **style)
         axes[1].plot(xs, [p[2] for p in pts], **style)
+    fx = sorted(floor)
+    axes[0].plot(fx, [floor[x] for x in fx], linestyle="--", color="0.4", linewidth=1,
+                 label="gradients (dh), every method")
     xlabel = "vocabulary size V" if section.sweep == "vocab" else "span tokens per row (of T = 512)"
     for ax, ylabel in zip(axes, ("peak extra memory (MiB)", "forward + backward (ms, median)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.set_xticks(fx, [str(x) for x in fx])
+        ax.minorticks_off()
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     where = machine["gpu"] or f"{machine['cpu']}, {machine['cores']} cores"
     fig.suptitle(f"{section.title}\n{where}, torch {machine['torch']}, {machine['date']}", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True

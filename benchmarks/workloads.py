@@ -291,8 +291,8 @@ def _op_step(case: Case, x: OpInputs) -> Callable[[], torch.Tensor]:
             logp = -ce(x.weight, x.hidden, x.targets)
             if not kl:
                 return op_objective(logp)
-            with torch.no_grad():  # the reference log-prob: part of the op's outputs
-                -ce(x.ref_weight, x.ref_hidden, x.targets)
+            with torch.no_grad():  # the reference log-prob: one of the op's outputs, so it is computed too
+                ce(x.ref_weight, x.ref_hidden, x.targets)
             # Liger's JSD returns the mean over tokens; times n, it is the sum op_objective takes.
             kl_f = jsd_forward(x.hidden, x.weight, x.ref_hidden, x.ref_weight, None) * n
             kl_r = jsd_reverse(x.hidden, x.weight, x.ref_hidden, x.ref_weight, None) * n

@@ -86,6 +86,30 @@ class _TorchJSD(torch.nn.Module):
         return kl.sum(-1).mean()
 
 
+class _TorchCE(torch.nn.Module):
+    """Liger's fused linear cross-entropy with reduction='none', in plain torch."""
+
+    def __init__(self, reduction):
+        super().__init__()
+        assert reduction == "none"
+
+    def forward(self, w, h, y):
+        return torch.nn.functional.cross_entropy(h @ w.T, y, reduction="none")
+
+
+def test_liger_op_glue_matches_naive(monkeypatch):
+    pytest.importorskip("liger_kernel")
+    import liger_kernel.transformers as lt
+
+    monkeypatch.setattr(lt, "LigerFusedLinearJSD", _TorchJSD)
+    monkeypatch.setattr(lt, "LigerFusedLinearCrossEntropyLoss", _TorchCE)
+    for workload in ("logprobs", "token_kl"):
+        case = Case(workload, "liger", head="trainable", **TINY_OP)
+        inputs = make_inputs(case)
+        got = _run(case, inputs, workloads._op_step(case, inputs))
+        _assert_same(_run(Case(workload, "naive", head="trainable", **TINY_OP)), got)
+
+
 @pytest.mark.parametrize("head", ["trainable"])
 def test_liger_loss_packing_matches_naive(monkeypatch, head):
     pytest.importorskip("liger_kernel")
