@@ -32,24 +32,27 @@ def chunk_stats(s: torch.Tensor, t: torch.Tensor | None, local_targets: torch.Te
     """Statistics ``[NUM_STATS, n]`` of one logits chunk s [n, v] (t [n, v] or None).
 
     ``local_targets`` [n] index into this chunk; rows whose target lies outside it get target logit 0.
+    ``s`` and ``t`` are consumed: their storage is reused for the exponentials, since chunk-sized
+    temporaries are the torch path's whole working memory (three chunks at most, one without ``t``).
     """
     n, v = s.shape
     stats = s.new_zeros((NUM_STATS, n))
     in_chunk = (local_targets >= 0) & (local_targets < v)
     idx = local_targets.clamp(0, v - 1)[:, None]
 
-    m_s = s.amax(dim=1)
-    p = torch.exp(s - m_s[:, None])
-    stats[M_S], stats[Z_S] = m_s, p.sum(dim=1)
     stats[Y_S] = torch.where(in_chunk, s.gather(1, idx)[:, 0], 0.0)
-    if t is not None:
-        m_t = t.amax(dim=1)
-        q = torch.exp(t - m_t[:, None])
-        stats[M_T], stats[Z_T] = m_t, q.sum(dim=1)
-        stats[Y_T] = torch.where(in_chunk, t.gather(1, idx)[:, 0], 0.0)
-        diff = s - t  # s - t, not s and t apart: the KL is a small difference of O(|logit|) terms
-        stats[A_S] = (p * diff).sum(dim=1)
-        stats[A_T] = -(q * diff).sum(dim=1)
+    stats[M_S] = s.amax(dim=1)
+    if t is None:
+        stats[Z_S] = s.sub_(stats[M_S, :, None]).exp_().sum(dim=1)
+        return stats
+    stats[Y_T] = torch.where(in_chunk, t.gather(1, idx)[:, 0], 0.0)
+    stats[M_T] = t.amax(dim=1)
+    diff = s - t  # s - t, not s and t apart: the KL is a small difference of O(|logit|) terms
+    p = s.sub_(stats[M_S, :, None]).exp_()
+    q = t.sub_(stats[M_T, :, None]).exp_()
+    stats[Z_S], stats[Z_T] = p.sum(dim=1), q.sum(dim=1)
+    stats[A_S] = p.mul_(diff).sum(dim=1)
+    stats[A_T] = -q.mul_(diff).sum(dim=1)
     return stats
 
 
@@ -103,15 +106,17 @@ def chunk_dlogits(
 ) -> torch.Tensor:
     """PyTorch twin of ``csrc_triton.token_dlogits`` (same arguments, same formula): dS [n, v]."""
     s = chunk_logits(hidden, weight, bias, inv_tau)
-    p = torch.exp(s - lse[:, None])
-    ds = p * -grad_logp[:, None]
     v = s.shape[1]
+    if ref_hidden is None:
+        ds = s.sub_(lse[:, None]).exp_().mul_(-grad_logp[:, None])  # -g_lp p, in the logits' storage
+    else:
+        # dS = p (g_r ((s - t) - E_p[s - t]) + g_f - g_lp) - g_f q  (+ g_lp at the target, below):
+        # three chunk-sized buffers, the logits' two reused for p and q.
+        t = chunk_logits(ref_hidden, ref_weight, ref_bias, inv_tau)
+        ds = (s - t).sub_(expected_diff[:, None]).mul_(grad_kl_reverse[:, None])
+        ds += (grad_kl_forward - grad_logp)[:, None]
+        ds.mul_(s.sub_(lse[:, None]).exp_())
+        ds.sub_(t.sub_(ref_lse[:, None]).exp_().mul_(grad_kl_forward[:, None]))
     in_chunk = (targets >= 0) & (targets < v)
     ds.scatter_add_(1, targets.clamp(0, v - 1)[:, None], torch.where(in_chunk, grad_logp, 0.0)[:, None])
-    if ref_hidden is not None:
-        t = chunk_logits(ref_hidden, ref_weight, ref_bias, inv_tau)
-        q = torch.exp(t - ref_lse[:, None])
-        ds += grad_kl_forward[:, None] * (p - q)
-        centred_diff = s.sub_(t).sub_(expected_diff[:, None])
-        ds += grad_kl_reverse[:, None] * p * centred_diff
     return ds.mul_(inv_tau).to(out_dtype)
