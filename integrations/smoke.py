@@ -36,8 +36,8 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
                 tie_word_embeddings: bool = False):
     """A transformers config of ``family`` (one of :data:`TINY_FAMILIES`) small enough for CPU tests.
 
-    Images are 16 x 16 pixels: 4 placeholder tokens for Llava (8-pixel patches), 4 for the Qwen-VL
-    families (4-pixel patches merged 2 x 2).
+    Vision towers take 16 x 16 pixel images: 4 placeholder tokens for Llava (8-pixel patches), 4 for the
+    Qwen-VL families (4-pixel patches merged 2 x 2). Special token ids sit at the top of the vocabulary.
     """
     import transformers
 

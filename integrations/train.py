@@ -167,7 +167,7 @@ def _load_hf_model(spec: dict[str, Any], path: str, dtype: torch.dtype, attn: st
     )
 
 
-def _build_model(spec: dict[str, Any], config: dict[str, Any], dtype: torch.dtype, attn: str, seed_offset: int = 0):
+def _build_model(spec: dict[str, Any], config: dict[str, Any], dtype: torch.dtype, attn: str):
     from .smoke import tiny_model
 
     if spec.get("tiny"):

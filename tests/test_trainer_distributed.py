@@ -11,6 +11,7 @@ which moves the loss by ~1e-7 relative; Adam's normalised updates carry that rou
 about lr x 1e-3 relative to a step, far below 1e-5.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -99,8 +100,15 @@ def test_metrics_have_trl_names_and_reward_accuracy(distributed):
                 "logps/chosen", "logps/rejected", "kl/forward", "kl/reverse", "loss/visual", "span_tokens"):
         assert key in history[0], key
     assert all(0.0 <= row["rewards/accuracies"] <= 1.0 for row in history)
+    # The resumed run wrote into the same folder: it dropped the rows past its checkpoint, then appended.
     lines = (distributed[0] / "trainable" / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 3
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]
+
+
+def test_old_checkpoints_beyond_the_limit_are_removed(distributed):
+    checkpoints = distributed[0] / "frozen" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir() if p.is_dir()) == ["step-3"]
+    assert (checkpoints / "latest").read_text().strip() == "step-3"
 
 
 def test_resume_continues_exactly(distributed):

@@ -42,7 +42,9 @@ def main(out, seed):
         policy = make_policy(seed, frozen)
         trainer = FiReMPOTrainer(
             FiReMPOModule(policy, make_loss(), make_reference(seed)), data, collator(),
-            trainer_config(os.path.join(out, name), seed, save_steps=2, save_final_model=not frozen), deepspeed_config(),
+            trainer_config(os.path.join(out, name), seed, save_steps=2, save_final_model=not frozen,
+                           save_total_limit=1 if frozen else None),
+            deepspeed_config(),
         )
         partition = head_partition(policy)
         result = trainer.train()

@@ -30,8 +30,10 @@ def make_policy(seed: int, frozen_head: bool = False) -> torch.nn.Module:
     # the softmax cancels what is the same: its gradient nearly cancels, some entries sit at the level of
     # fp32 rounding (which changes with the order of the sums across ranks), and Adam's normalised step
     # turns that noise into learning-rate-sized moves. Freeze it so the weights compared are well defined.
+    # The vision tower and projector are frozen too, as in the paper (and firempo-train's default): their
+    # LayerNorm biases have gradients that nearly cancel in the same way.
     for name, p in policy.named_parameters():
-        if name.endswith("k_proj.bias"):
+        if name.endswith("k_proj.bias") or name.startswith("model.visual."):
             p.requires_grad_(False)
     return policy
 
