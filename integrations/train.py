@@ -13,24 +13,30 @@ Reference pass for the precomputed-reference mode (writes safetensors shards bes
 
     firempo-train --config run.yaml --precompute-reference
 
-Run config sections (YAML or JSON; see ``integrations/configs/example_run.yaml``):
+Run config sections (YAML or JSON; see ``integrations/configs/example_run.yaml`` and ``smoke.yaml``):
 
 - ``model``: ``name_or_path`` (local folder or hub id) or ``tiny`` (a random model of a family in
-  :data:`~firempo_kernels.integrations.smoke.TINY_FAMILIES`, for smoke runs); ``class`` (transformers class
-  name, default: auto), ``attn_implementation`` (auto: flash_attention_2 when flash-attn is installed and a
-  GPU is present, else sdpa), ``freeze_vision`` (default true), ``train_lm_head`` (default true),
+  :data:`~firempo_kernels.integrations.smoke.TINY_FAMILIES`, with ``seed``, for smoke runs); ``class``
+  (transformers class name, default: auto), ``attn_implementation`` (auto: flash_attention_2 when flash-attn
+  is installed and a GPU is present, else sdpa), ``freeze_vision`` (default true: vision tower and
+  projector), ``train_lm_head`` (default true; with tied embeddings the input embeddings follow),
   ``trust_remote_code``.
 - ``lora``: ``enabled``, ``r``, ``alpha``, ``dropout``, ``target_modules`` (default: the language model's
-  attention and MLP projections; vision tower and projector stay frozen).
+  attention and MLP projections), ``modules_to_save``. The base model, head included, is frozen.
 - ``reference``: ``mode`` = auto | model | adapters_disabled | precomputed (auto: adapters_disabled with
-  LoRA, else a frozen copy loaded from ``name_or_path``, default the policy's); ``precomputed_dir``.
+  LoRA, else a frozen copy of the policy's checkpoint); ``name_or_path`` / ``tiny`` for another reference
+  model; ``precomputed_dir`` (default: beside ``data.path``, ``<data>.reference``).
 - ``loss``: ``preset`` (firempo, rrpo, mask_dpo, dpo) and any of ``beta``, ``alpha``, ``gamma``,
   ``lambda_``, ``visual_pairing``, ``temperature``.
 - ``data``: ``path`` (preference records JSONL) with ``prompt_template``, ``use_corrupted``, ``on_error``,
-  ``boundary``, ``processor``; or ``dataset: "package.module:factory"`` with ``kwargs``; or ``synthetic``
-  (random examples, for smoke runs); ``pad_to_multiple_of``.
+  ``boundary``, ``processor``; or ``dataset: "package.module:factory"`` with ``kwargs`` (the factory returns
+  a Dataset of ``PreferenceExample``, or ``(dataset, collate_fn)``); or ``synthetic`` (random examples, for
+  smoke runs); ``pad_to_multiple_of``, ``pad_token_id``.
 - ``deepspeed``: a JSON path or ``zero3`` / ``zero3_offload`` (shipped); "auto" fields come from ``training``.
 - ``training``: :class:`~firempo_kernels.integrations.trainer.TrainerConfig` (lr 1e-6, 1 epoch, cosine, ...).
+
+Overrides: ``section.key=value`` (``section=value`` for ``deepspeed``), values read as YAML. Input paths are
+looked up beside the config file first; ``training.output_dir`` is relative to the working directory.
 """
 
 from __future__ import annotations

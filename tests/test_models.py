@@ -31,6 +31,16 @@ EXPECTED_ADAPTER = {
 FAMILIES = [f for f in TINY_FAMILIES if f != "qwen3_vl" or hasattr(transformers, "Qwen3VLForConditionalGeneration")]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and a second one spins against the other processes of a
+    busy 2-core runner (10x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def processor_style_inputs(model, batch, images):
     """What a processor hands a model for the 2B rows: ids, mask, vision inputs and, for Qwen-VL,
     ``mm_token_type_ids`` (1 on image placeholders) -- built here independently of the adapter."""

@@ -58,7 +58,12 @@ def distributed(tmp_path_factory, seed):
 
 @pytest.fixture(scope="module")
 def plain(seed):
-    return {name: plain_run(seed, frozen) for name, frozen in (("trainable", False), ("frozen", True))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only spins against other processes on the runner
+    try:
+        return {name: plain_run(seed, frozen) for name, frozen in (("trainable", False), ("frozen", True))}
+    finally:
+        torch.set_num_threads(threads)
 
 
 def assert_losses_equal(got: dict, expected: dict) -> None:
