@@ -1,29 +1,31 @@
-"""Measuring one case: its peak extra memory and its time, the way every number in RESULTS.md is taken.
+"""Measuring cases: peak extra memory of one case in a fresh process, and the time of the methods of one
+comparison group interleaved in one process. Every number in RESULTS.md is taken this way.
 
-Run as a script, it measures one case in this (fresh) process and prints one ``RESULT {json}`` line:
+    python benchmarks/harness.py memory --case '{"workload": "loss", "method": "fused", ...}'
+    python benchmarks/harness.py time --cases '[{...}, {...}]'
 
-    python benchmarks/harness.py --case '{"workload": "loss", "method": "fused", ...}'
+Each prints one ``RESULT {json}`` line (a list of records for ``time``).
 
-Order of a measurement: build the inputs; one warm-up step (forward + backward: compilation, thread pools,
-first-touch of library buffers); one memory step; ``reps`` timed steps.
-
-Time: wall clock of each step, forward and backward apart (``torch.cuda.synchronize`` around each on a GPU);
-the median over the reps is reported. ``reps`` is chosen from the warm-up time so that a case takes about
-``target_s`` seconds, within [min_reps, max_reps].
-
-Peak extra memory, CPU: the peak resident set during the step minus the resident set just before it, with
-the inputs built, the warm-up done and the previous gradients freed. The kernel's high-water mark is reset
-by writing 5 to /proc/self/clear_refs, then read from VmHWM in /proc/self/status. For the resident set to
-follow live tensors, glibc must hand freed memory back at once: the memory step runs with
-``mallopt(M_MMAP_THRESHOLD, 64 KiB)`` (every tensor larger than that is its own mapping, unmapped on free). The timed steps run with the threshold at 32 MiB, the value glibc's own dynamic
-threshold settles at, so small chunk buffers are reused from the heap as in any long-running process and
-page faults are not charged to the method that frees most often. The warm-up runs with the 64 KiB threshold
-too, so the heap of small objects is already resident when the memory step starts. Each case runs in its own process, so no
-case sees another's caches. Peak extra memory, CUDA: ``max_memory_allocated`` minus ``memory_allocated``
-before the step, after ``reset_peak_memory_stats``.
-
+Peak extra memory, CPU (``memory``, one case per process, so no case sees another's caches): build the
+inputs, one warm-up step (forward + backward: compilation, thread pools, first-touch of library buffers),
+then one measured step. The peak is the largest resident set during that step minus the resident set
+just before it, with the previous gradients freed: the kernel's high-water mark is reset by writing 5 to
+/proc/self/clear_refs and read from VmHWM in /proc/self/status. For the resident set to follow live tensors,
+glibc must hand freed memory back at once: both steps run with ``mallopt(M_MMAP_THRESHOLD, 64 KiB)``, so
+every tensor larger than that is its own mapping, unmapped when freed; since the warm-up runs so too, the
+heap of small objects is already resident when the measured step starts. Peak extra memory, CUDA:
+``max_memory_allocated`` minus ``memory_allocated`` before the step, after ``reset_peak_memory_stats``.
 Gradients produced by the step (dh, and dW when the head trains) are part of its peak: every method must
 produce them.
+
+Time (``time``, all methods of one shape in one process): one warm-up step per method, then ``reps``
+rounds in which every method runs one step, the order rotating from round to round, so that a change in
+the machine's load falls on every method alike. Each step is timed by the wall clock, forward and backward
+apart (``torch.cuda.synchronize`` around each on a GPU); the median over the rounds is reported. ``reps``
+is chosen from the warm-up so that a method takes about ``target_s`` seconds, within [min_reps, max_reps].
+The timed steps run with glibc's mmap threshold at 32 MiB, the value its own dynamic threshold settles at
+in a long-running process, so chunk buffers are reused from the heap instead of being faulted in at every
+step.
 """
 
 import argparse
@@ -178,18 +180,13 @@ class Stepper:
         gc.collect()
 
 
-def measure(case: Case, *, target_s: float = 8.0, min_reps: int = 3, max_reps: int = 15) -> dict:
-    """Measure ``case`` in this process; returns the result record (see module docstring)."""
+def _base_record(case: Case) -> dict:
     record = {"case": case.to_dict(), "status": "ok", "note": ""}
     reason = skip_reason(case)
     if reason:
         return {**record, "status": "skipped", "note": reason}
-    glibc = _Glibc()
-    on_cpu = case.device == "cpu"
-    if on_cpu and not CpuMemory.available():
-        return {**record, "status": "error", "note": "/proc/self/clear_refs is not writable: no CPU peak memory"}
     record.update(
-        threads=torch.get_num_threads(), torch=torch.__version__, loadavg_before=_loadavg(),
+        threads=torch.get_num_threads(), torch=torch.__version__,
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
         device_name=torch.cuda.get_device_name(case.device) if case.device == "cuda" else "cpu",
     )
@@ -197,48 +194,96 @@ def measure(case: Case, *, target_s: float = 8.0, min_reps: int = 3, max_reps: i
         from firempo_kernels.backend import resolve_backend
 
         record["backend"] = resolve_backend(torch.device(case.device), getattr(torch, case.dtype))
+    return record
+
+
+def _failure(record: dict, err: BaseException) -> dict:
+    status = "oom" if _is_oom(err) else "error"
+    return {**record, "status": status, "note": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+
+
+def measure_memory(case: Case) -> dict:
+    """Peak extra memory of one step of ``case``, in this process (fresh, on the CPU)."""
+    record = _base_record(case)
+    if record["status"] != "ok":
+        return record
+    on_cpu = case.device == "cpu"
+    if on_cpu and not CpuMemory.available():
+        return {**record, "status": "error", "note": "/proc/self/clear_refs is not writable: no CPU peak memory"}
+    record["memory_loadavg"] = _loadavg()
     try:
-        # Warm-up and memory step with freed memory leaving at once; then the timed steps in glibc's steady
-        # state. The warm-up also makes the small-object heap resident, so the memory step counts tensors,
-        # not the re-faulting of the heap; the first timed step pays the heap's one-time growth (~ms).
         if on_cpu:
-            glibc.tight()
+            _Glibc().tight()
         stepper = Stepper(case)
         w_fwd, w_bwd, _, _ = stepper.run()
-        warm = w_fwd + w_bwd
         stepper.clear()
-        memory = CpuMemory() if on_cpu else CudaMemory(torch.device(case.device))
+        memory = CpuMemory() if on_cpu else CudaMemory(stepper.device)
         _, _, objective, fwd_peak = stepper.run(memory)
         peak = memory.peak_extra_mib()
         stepper.clear()
-        if on_cpu:
-            glibc.steady()
-        reps = int(min(max_reps, max(min_reps, round(target_s / max(warm, 1e-6)))))
-        fwd, bwd = [], []
-        for _ in range(reps):
-            f, b, _, _ = stepper.run()
-            fwd.append(f)
-            bwd.append(b)
-        stepper.clear()
     except Exception as err:  # noqa: BLE001 - every failure becomes a row with its reason
-        status = "oom" if _is_oom(err) else "error"
-        return {**record, "status": status, "note": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
-    totals = [f + b for f, b in zip(fwd, bwd)]
-    record.update(
-        peak_extra_mib=peak,
-        fwd_peak_extra_mib=fwd_peak,
-        gradient_mib=case.gradient_mib,
-        working_mib=peak - case.gradient_mib,
-        time_ms=1e3 * statistics.median(totals),
-        fwd_ms=1e3 * statistics.median(fwd),
-        bwd_ms=1e3 * statistics.median(bwd),
-        times_ms=[round(1e3 * t, 3) for t in totals],
-        warmup_ms=1e3 * warm,
-        reps=reps,
-        objective=objective,
-        loadavg_after=_loadavg(),
-    )
-    return record
+        return _failure(record, err)
+    return {**record, "peak_extra_mib": peak, "fwd_peak_extra_mib": fwd_peak, "gradient_mib": case.gradient_mib,
+            "working_mib": peak - case.gradient_mib, "objective": objective, "memory_warmup_ms": 1e3 * (w_fwd + w_bwd)}
+
+
+def measure_times(cases: list[Case], *, target_s: float = 5.0, min_reps: int = 3, max_reps: int = 15) -> list[dict]:
+    """Median step times of ``cases`` (one comparison group), interleaved round by round in this process."""
+    records = [_base_record(c) for c in cases]
+    steppers: dict[int, Stepper] = {}
+    warm: dict[int, float] = {}
+    if any(c.device == "cpu" for c in cases):
+        _Glibc().steady()
+    load_before = _loadavg()
+    for i, case in enumerate(cases):
+        if records[i]["status"] != "ok":
+            continue
+        try:
+            stepper = Stepper(case)
+            f, b, _, _ = stepper.run()
+            stepper.clear()
+            steppers[i], warm[i] = stepper, f + b
+        except Exception as err:  # noqa: BLE001
+            records[i] = _failure(records[i], err)
+    if not steppers:
+        return records
+    reps = int(min(max_reps, max(min_reps, round(target_s / max(max(warm.values()), 1e-6)))))
+    fwd = {i: [] for i in steppers}
+    bwd = {i: [] for i in steppers}
+    order = list(steppers)
+    for r in range(reps):
+        shift = r % len(order)
+        for i in order[shift:] + order[:shift]:
+            if i not in steppers:
+                continue
+            try:
+                f, b, _, _ = steppers[i].run()
+                steppers[i].clear()
+            except Exception as err:  # noqa: BLE001
+                records[i] = _failure(records[i], err)
+                del steppers[i]
+                continue
+            fwd[i].append(f)
+            bwd[i].append(b)
+    load_after = _loadavg()
+    for i in steppers:
+        totals = [f + b for f, b in zip(fwd[i], bwd[i])]
+        records[i].update(
+            time_ms=1e3 * statistics.median(totals), fwd_ms=1e3 * statistics.median(fwd[i]),
+            bwd_ms=1e3 * statistics.median(bwd[i]), times_ms=[round(1e3 * t, 3) for t in totals],
+            warmup_ms=1e3 * warm[i], reps=reps, loadavg_before=load_before, loadavg_after=load_after,
+            interleaved_with=[cases[j].method for j in order if j != i],
+        )
+    return records
+
+
+def merge(memory_record: dict, time_record: dict) -> dict:
+    """One row from the memory and the time measurements of the same case."""
+    if memory_record["status"] != "ok":
+        return memory_record
+    if time_record["status"] != "ok":
+        return {**memory_record, "status": time_record["status"], "note": time_record["note"]}
+    return {**memory_record, **time_record}
 
 
 def _limit_address_space(budget_gib: float) -> None:
@@ -252,9 +297,11 @@ def _limit_address_space(budget_gib: float) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Measure one benchmark case in this process.")
-    parser.add_argument("--case", required=True, help="the Case as JSON")
-    parser.add_argument("--target-s", type=float, default=8.0, help="seconds of timed steps to aim for")
+    parser = argparse.ArgumentParser(description="Measure benchmark cases in this process.")
+    parser.add_argument("what", choices=("memory", "time"))
+    parser.add_argument("--case", help="memory: the Case as JSON")
+    parser.add_argument("--cases", help="time: a JSON list of Cases of one comparison group")
+    parser.add_argument("--target-s", type=float, default=5.0, help="seconds of timed steps per method")
     parser.add_argument("--min-reps", type=int, default=3)
     parser.add_argument("--max-reps", type=int, default=15)
     parser.add_argument("--mem-budget-gib", type=float, default=0.0, help="address-space cap above the start (0: none)")
@@ -262,10 +309,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    case = Case.from_dict(json.loads(args.case))
-    if case.device == "cpu":
-        _limit_address_space(args.mem_budget_gib)
-    result = measure(case, target_s=args.target_s, min_reps=args.min_reps, max_reps=args.max_reps)
+    _limit_address_space(args.mem_budget_gib)
+    if args.what == "memory":
+        result = measure_memory(Case.from_dict(json.loads(args.case)))
+    else:
+        cases = [Case.from_dict(c) for c in json.loads(args.cases)]
+        result = measure_times(cases, target_s=args.target_s, min_reps=args.min_reps, max_reps=args.max_reps)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
 

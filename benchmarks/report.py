@@ -240,29 +240,49 @@ def worker_env() -> dict:
     return env
 
 
-def run_in_subprocess(case: Case, profile: Profile, mem_budget_gib: float, threads: int = 0) -> dict:
-    cmd = [
-        sys.executable, str(HERE / "harness.py"), "--case", json.dumps(case.to_dict()),
-        "--target-s", str(profile.target_s), "--min-reps", str(profile.min_reps),
-        "--max-reps", str(profile.max_reps), "--mem-budget-gib", f"{mem_budget_gib:.2f}",
-        "--threads", str(threads),
-    ]
+def _harness(args: list[str], timeout_s: float, fallback):
+    """Run ``harness.py`` with ``args`` in a fresh process; its RESULT, or ``fallback(status, note)``."""
+    cmd = [sys.executable, str(HERE / "harness.py"), *args]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=profile.case_timeout_s, env=worker_env())
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=worker_env())
     except subprocess.TimeoutExpired:
-        return {"case": case.to_dict(), "status": "timeout", "note": f"over {profile.case_timeout_s:.0f} s"}
+        return fallback("timeout", f"over {timeout_s:.0f} s")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-    status = "oom" if proc.returncode in (-9, 137) else "error"
-    return {"case": case.to_dict(), "status": status, "note": tail[0][:300]}
+    return fallback("oom" if proc.returncode in (-9, 137) else "error", tail[0][:300])
 
 
-def run_in_process(case: Case, profile: Profile) -> dict:
-    from benchmarks.harness import measure
+def _common_args(profile: Profile, mem_budget_gib: float, threads: int) -> list[str]:
+    return ["--target-s", str(profile.target_s), "--min-reps", str(profile.min_reps),
+            "--max-reps", str(profile.max_reps), "--mem-budget-gib", f"{mem_budget_gib:.2f}",
+            "--threads", str(threads)]
 
-    return measure(case, target_s=profile.target_s, min_reps=profile.min_reps, max_reps=profile.max_reps)
+
+def measure_group(group: list[Case], profile: Profile, *, in_process: bool, mem_budget_gib: float = 0.0,
+                  threads: int = 0) -> list[dict]:
+    """Records for the runnable cases of one comparison group (same shape, several methods): the memory of
+    each in its own fresh process, then the time of all of them interleaved in one process."""
+    from benchmarks import harness
+
+    if in_process:
+        memory = [harness.measure_memory(c) for c in group]
+        times = harness.measure_times(group, target_s=profile.target_s, min_reps=profile.min_reps,
+                                      max_reps=profile.max_reps)
+    else:
+        common = _common_args(profile, mem_budget_gib, threads)
+        memory = [
+            _harness(["memory", "--case", json.dumps(c.to_dict()), *common], profile.case_timeout_s,
+                     lambda status, note, c=c: {"case": c.to_dict(), "status": status, "note": note})
+            for c in group
+        ]
+        times = _harness(
+            ["time", "--cases", json.dumps([c.to_dict() for c in group]), *common],
+            profile.case_timeout_s * len(group),
+            lambda status, note: [{"case": c.to_dict(), "status": status, "note": note} for c in group],
+        )
+    return [harness.merge(m, t) for m, t in zip(memory, times)]
 
 
 def unique_cases(sections: list[Section]) -> list[Case]:
@@ -275,30 +295,47 @@ def unique_cases(sections: list[Section]) -> list[Case]:
     return out
 
 
+def comparison_groups(cases: list[Case]) -> list[list[Case]]:
+    """Cases of the same shape (all methods), in first-seen order."""
+    groups: dict = {}
+    for c in cases:
+        groups.setdefault(_group_key(c.to_dict()), []).append(c)
+    return list(groups.values())
+
+
 def run_all(profile: Profile, *, in_process: bool, budget_min: float, log=print, threads: int = 0) -> list[dict]:
-    cases = unique_cases(profile.sections)
+    groups = comparison_groups(unique_cases(profile.sections))
     start = time.monotonic()
     mem_budget = min(12.0, 0.6 * _meminfo_gib("MemAvailable")) if not in_process else 0.0
     records = []
-    for i, case in enumerate(cases, 1):
-        label = f"[{i}/{len(cases)}] {case.workload} {case.regime or ''} {case.head} {case.shape_label()} {case.method}"
-        reason = skip_reason(case)
-        if reason:  # decided here: no process to start
-            records.append({"case": case.to_dict(), "status": "skipped", "note": reason})
-            log(f"{label}: skipped ({reason})")
-            continue
-        if (time.monotonic() - start) / 60 > budget_min:
-            records.append({"case": case.to_dict(), "status": "not run", "note": f"time budget ({budget_min} min) spent"})
-            log(f"{label}: not run (time budget)")
+    for g, group in enumerate(groups, 1):
+        first = group[0]
+        label = f"[{g}/{len(groups)}] {first.workload} {first.regime or ''} {first.head} {first.shape_label()}"
+        runnable = []
+        for case in group:
+            reason = skip_reason(case)  # decided here: no process to start
+            if reason:
+                records.append({"case": case.to_dict(), "status": "skipped", "note": reason})
+                log(f"{label} {case.method}: skipped ({reason})")
+            elif (time.monotonic() - start) / 60 > budget_min:
+                records.append({"case": case.to_dict(), "status": "not run",
+                                "note": f"time budget ({budget_min} min) spent"})
+                log(f"{label} {case.method}: not run (time budget)")
+            else:
+                runnable.append(case)
+        if not runnable:
             continue
         t0 = time.monotonic()
-        rec = run_in_process(case, profile) if in_process else run_in_subprocess(case, profile, mem_budget, threads)
-        records.append(rec)
-        if rec["status"] == "ok":
-            log(f"{label}: {rec['peak_extra_mib']:.1f} MiB, {rec['time_ms']:.1f} ms "
-                f"(median of {rec['reps']}), {time.monotonic() - t0:.1f} s")
-        else:
-            log(f"{label}: {rec['status']} ({rec.get('note', '')})")
+        for rec in measure_group(runnable, profile, in_process=in_process, mem_budget_gib=mem_budget,
+                                 threads=threads):
+            records.append(rec)
+            method = rec["case"]["method"]
+            if rec["status"] == "ok":
+                log(f"{label} {method}: {rec['peak_extra_mib']:.1f} MiB, {rec['time_ms']:.1f} ms "
+                    f"(median of {rec['reps']})")
+            else:
+                log(f"{label} {method}: {rec['status']} ({rec.get('note', '')})")
+        log(f"{label}: {time.monotonic() - t0:.0f} s")
     return records
 
 
@@ -404,9 +441,10 @@ def render(profile: Profile, records: list[dict], machine: dict, command: str) -
         + f", Python {machine['python']}.",
         f"Date: {machine['date']}. Command: `{command}`.",
         f"Every time is the median of {reps[0] if reps else '-'}-{reps[-1] if reps else '-'} timed steps after one "
-        "warm-up step, forward and backward measured apart; every peak is the extra memory of one step over what the "
-        "inputs already hold, each case in a fresh process (CPU) or from the allocator (CUDA); ratios are to "
-        "baselines from this same run on the same inputs and dtype."
+        "warm-up step, forward and backward measured apart, the methods of one shape interleaved step by step in "
+        "one process; every peak is the extra memory of one step over what the inputs already hold, each case in "
+        "a fresh process (CPU) or from the allocator (CUDA); ratios are to baselines from this same run on the "
+        "same inputs and dtype."
         + (f" Load average during the run: {load[0]:.1f}-{load[1]:.1f} on {machine['cores']} cores." if load else ""),
         "",
         "Methods: " + "; ".join(f"`{k}`: {v}" for k, v in METHOD_NOTES.items()) + ".",

@@ -150,10 +150,10 @@ def test_case_round_trips_and_rejects_nonsense():
         Case("loss", "fused", **dict(TINY_LOSS, spans=11))  # more spans than response tokens
 
 
-def _harness(case: Case) -> dict:
+def _harness(*args) -> list | dict:
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks/harness.py"), "--case", json.dumps(case.to_dict()),
+        [sys.executable, str(REPO / "benchmarks/harness.py"), *args,
          "--target-s", "0.01", "--min-reps", "2", "--max-reps", "2", "--threads", "1"],
         capture_output=True, text=True, timeout=120, env=env,
     )
@@ -167,15 +167,25 @@ def test_fresh_process_peak_memory_sees_the_logits():
     # step a small fraction of it. This is the measurement RESULTS.md rests on.
     shape = dict(vocab=4096, dim=64, tokens=1024, head="frozen")
     logits_mib = shape["tokens"] * shape["vocab"] * 4 / (1 << 20)
-    naive = _harness(Case("logprobs", "naive", **shape))
-    fused = _harness(Case("logprobs", "fused", **shape))
-    for rec in (naive, fused):
+    naive, fused = (Case("logprobs", m, **shape) for m in ("naive", "fused"))
+    mem = {c.method: _harness("memory", "--case", json.dumps(c.to_dict())) for c in (naive, fused)}
+    for rec in mem.values():
+        assert rec["status"] == "ok", rec
+        assert rec["gradient_mib"] == pytest.approx(shape["tokens"] * shape["dim"] * 4 / (1 << 20))
+    assert mem["naive"]["peak_extra_mib"] >= logits_mib
+    assert mem["fused"]["peak_extra_mib"] < mem["naive"]["peak_extra_mib"] / 4
+    assert mem["fused"]["objective"] == pytest.approx(mem["naive"]["objective"], rel=1e-5)
+
+    times = _harness("time", "--cases", json.dumps([naive.to_dict(), fused.to_dict()]))
+    for rec in times:
         assert rec["status"] == "ok", rec
         assert rec["reps"] == 2 and len(rec["times_ms"]) == 2 and rec["time_ms"] > 0
         assert rec["fwd_ms"] > 0 and rec["bwd_ms"] > 0
-    assert naive["peak_extra_mib"] >= logits_mib
-    assert fused["peak_extra_mib"] < naive["peak_extra_mib"] / 4
-    assert fused["objective"] == pytest.approx(naive["objective"], rel=1e-5)
+    assert times[0]["interleaved_with"] == ["fused"] and times[1]["interleaved_with"] == ["naive"]
+    from benchmarks.harness import merge
+
+    row = merge(mem["naive"], times[0])
+    assert row["peak_extra_mib"] == mem["naive"]["peak_extra_mib"] and row["time_ms"] == times[0]["time_ms"]
 
 
 def test_harness_reports_skips_without_running():
