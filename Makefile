@@ -13,7 +13,7 @@ $(STAMP): setup.py requirements/pins.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/report.py

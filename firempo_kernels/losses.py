@@ -350,7 +350,10 @@ _ARGS_DOC = """
             gradient, and counts in the mean).
         has_corrupted_image: [B] bool, c of the equations, or None (k = 2, no visual term). Rows of
             examples with c = 0 are not read.
-        ref_weight: [V, d'] reference head; default ``weight`` (then ``ref_bias`` defaults to ``bias``).
+        ref_weight: [V, d'] reference head; default ``weight`` (then ``ref_bias`` defaults to ``bias``),
+            which is right only while the policy's head is the reference's (frozen, as with LoRA on the
+            language model). Pass the reference's own head when it differs (another model, or a head that
+            trains), with a precomputed reference too: its hidden states go through this head.
         bias, ref_bias: optional [V] head biases.
         num_examples_in_batch: divide the summed per-example losses by this instead of B. Give every
             micro-batch of an accumulation window the window's total number of examples, and the summed
