@@ -18,11 +18,12 @@ heap of small objects is already resident when the measured step starts. Peak ex
 Gradients produced by the step (dh, and dW when the head trains) are part of its peak: every method must
 produce them.
 
-Time (``time``, all methods of one shape in one process): one warm-up step per method, then ``reps``
-rounds in which every method runs one step, the order rotating from round to round, so that a change in
-the machine's load falls on every method alike. Each step is timed by the wall clock, forward and backward
-apart (``torch.cuda.synchronize`` around each on a GPU); the median over the rounds is reported. ``reps``
-is chosen from the warm-up so that a method takes about ``target_s`` seconds, within [min_reps, max_reps].
+Time (``time``, all methods of one shape in one process): one warm-up step per method, then rounds in
+which every method runs its steps, the order rotating from round to round, so that a change in the
+machine's load falls on every method alike. The number of rounds is chosen from the slowest warm-up so
+that it takes about ``target_s`` seconds, within [min_reps, max_reps]; a method k times faster than the
+slowest runs k steps per round (at most 5). Each step is timed by the wall clock, forward and backward apart
+(``torch.cuda.synchronize`` around each on a GPU); the median over all of a method's steps is reported.
 The timed steps run with glibc's mmap threshold at 32 MiB, the value its own dynamic threshold settles at
 in a long-running process, so chunk buffers are reused from the heap instead of being faulted in at every
 step.
@@ -247,31 +248,35 @@ def measure_times(cases: list[Case], *, target_s: float = 5.0, min_reps: int = 3
             records[i] = _failure(records[i], err)
     if not steppers:
         return records
-    reps = int(min(max_reps, max(min_reps, round(target_s / max(max(warm.values()), 1e-6)))))
+    # Rounds are paced by the slowest method; a method k times faster runs k steps per round (at most 5), so
+    # that fast methods get more samples at no cost in wall time.
+    slowest = max(max(warm.values()), 1e-6)
+    rounds = int(min(max_reps, max(min_reps, round(target_s / slowest))))
+    per_round = {i: int(min(5, max(1, round(slowest / max(warm[i], 1e-6))))) for i in steppers}
     fwd = {i: [] for i in steppers}
     bwd = {i: [] for i in steppers}
     order = list(steppers)
-    for r in range(reps):
+    for r in range(rounds):
         shift = r % len(order)
         for i in order[shift:] + order[:shift]:
-            if i not in steppers:
-                continue
-            try:
-                f, b, _, _ = steppers[i].run()
-                steppers[i].clear()
-            except Exception as err:  # noqa: BLE001
-                records[i] = _failure(records[i], err)
-                del steppers[i]
-                continue
-            fwd[i].append(f)
-            bwd[i].append(b)
+            for _ in range(per_round[i] if i in steppers else 0):
+                try:
+                    f, b, _, _ = steppers[i].run()
+                    steppers[i].clear()
+                except Exception as err:  # noqa: BLE001
+                    records[i] = _failure(records[i], err)
+                    del steppers[i]
+                    break
+                fwd[i].append(f)
+                bwd[i].append(b)
     load_after = _loadavg()
     for i in steppers:
         totals = [f + b for f, b in zip(fwd[i], bwd[i])]
         records[i].update(
             time_ms=1e3 * statistics.median(totals), fwd_ms=1e3 * statistics.median(fwd[i]),
             bwd_ms=1e3 * statistics.median(bwd[i]), times_ms=[round(1e3 * t, 3) for t in totals],
-            warmup_ms=1e3 * warm[i], reps=reps, loadavg_before=load_before, loadavg_after=load_after,
+            warmup_ms=1e3 * warm[i], reps=len(totals), rounds=rounds, loadavg_before=load_before,
+            loadavg_after=load_after,
             interleaved_with=[cases[j].method for j in order if j != i],
         )
     return records

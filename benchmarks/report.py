@@ -441,7 +441,7 @@ def render(profile: Profile, records: list[dict], machine: dict, command: str) -
         + f", Python {machine['python']}.",
         f"Date: {machine['date']}. Command: `{command}`.",
         f"Every time is the median of {reps[0] if reps else '-'}-{reps[-1] if reps else '-'} timed steps after one "
-        "warm-up step, forward and backward measured apart, the methods of one shape interleaved step by step in "
+        "warm-up step, forward and backward measured apart, the methods of one shape interleaved round by round in "
         "one process; every peak is the extra memory of one step over what the inputs already hold, each case in "
         "a fresh process (CPU) or from the allocator (CUDA); ratios are to baselines from this same run on the "
         "same inputs and dtype."

@@ -179,7 +179,7 @@ def test_fresh_process_peak_memory_sees_the_logits():
     times = _harness("time", "--cases", json.dumps([naive.to_dict(), fused.to_dict()]))
     for rec in times:
         assert rec["status"] == "ok", rec
-        assert rec["reps"] == 2 and len(rec["times_ms"]) == 2 and rec["time_ms"] > 0
+        assert rec["rounds"] == 2 and 2 <= rec["reps"] == len(rec["times_ms"]) <= 10 and rec["time_ms"] > 0
         assert rec["fwd_ms"] > 0 and rec["bwd_ms"] > 0
     assert times[0]["interleaved_with"] == ["fused"] and times[1]["interleaved_with"] == ["naive"]
     from benchmarks.harness import merge
