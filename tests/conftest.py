@@ -34,3 +34,13 @@ def backend(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed(request):
     torch.manual_seed(SESSION_SEED + zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and a second one spins against the other processes of a
+    busy 2-core runner (10x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,14 +31,7 @@ EXPECTED_ADAPTER = {
 FAMILIES = [f for f in TINY_FAMILIES if f != "qwen3_vl" or hasattr(transformers, "Qwen3VLForConditionalGeneration")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and a second one spins against the other processes of a
-    busy 2-core runner (10x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def processor_style_inputs(model, batch, images):

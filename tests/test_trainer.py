@@ -27,14 +27,7 @@ FAMILY = "qwen2_5_vl"
 HP = dict(beta=0.5, alpha=0.2, gamma=0.5, lambda_=0.3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and a second one spins against the other processes of a
-    busy 2-core runner (10x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def draw_seed() -> int:
