@@ -21,8 +21,8 @@ produce them.
 Time (``time``, all methods of one shape in one process): one warm-up step per method, then rounds in
 which every method runs its steps, the order rotating from round to round, so that a change in the
 machine's load falls on every method alike. The number of rounds is chosen from the slowest warm-up so
-that it takes about ``target_s`` seconds, within [min_reps, max_reps]; a method k times faster than the
-slowest runs k steps per round (at most 5). Each step is timed by the wall clock, forward and backward apart
+that it takes about ``target_s`` seconds, within [min_reps, max_reps]; a fast method runs several steps per
+round (at most 5, about a second's worth). Each step is timed by the wall clock, forward and backward apart
 (``torch.cuda.synchronize`` around each on a GPU); the median over all of a method's steps is reported.
 The timed steps run with glibc's mmap threshold at 32 MiB, the value its own dynamic threshold settles at
 in a long-running process, so chunk buffers are reused from the heap instead of being faulted in at every
@@ -248,11 +248,11 @@ def measure_times(cases: list[Case], *, target_s: float = 5.0, min_reps: int = 3
             records[i] = _failure(records[i], err)
     if not steppers:
         return records
-    # Rounds are paced by the slowest method; a method k times faster runs k steps per round (at most 5), so
-    # that fast methods get more samples at no cost in wall time.
+    # Rounds are paced by the slowest method. A fast method runs several steps per round (at most 5, and
+    # at most about a second's worth), so it gets more samples for little wall time.
     slowest = max(max(warm.values()), 1e-6)
     rounds = int(min(max_reps, max(min_reps, round(target_s / slowest))))
-    per_round = {i: int(min(5, max(1, round(slowest / max(warm[i], 1e-6))))) for i in steppers}
+    per_round = {i: int(min(5, max(1, round(min(slowest, 1.0) / max(warm[i], 1e-6))))) for i in steppers}
     fwd = {i: [] for i in steppers}
     bwd = {i: [] for i in steppers}
     order = list(steppers)
