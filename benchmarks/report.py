@@ -12,7 +12,7 @@ time are taken), then writes into ``--out`` (default ``benchmarks/report/``):
   against the number of span tokens per row;
 
 and replaces the generated block of ``benchmarks/RESULTS.md`` (between its markers) with the tables.
-The cpu profile takes about 12 minutes on a quiet 2-core machine; ``--budget-min`` (12) stops starting new
+The cpu profile takes about 13 minutes on a quiet 2-core machine; ``--budget-min`` (11) stops starting new
 comparison groups once spent (their rows say "not run"), so `make bench` ends within 15 minutes on a busy one.
 """
 
@@ -571,8 +571,8 @@ def main(argv=None) -> int:
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="file whose generated block to replace")
     parser.add_argument("--no-results-md", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--in-process", action="store_true", help="measure in this process (CUDA allocator stats)")
-    parser.add_argument("--budget-min", type=float, default=12.0,
-                        help="start no comparison group after this many minutes (the longest takes ~3)")
+    parser.add_argument("--budget-min", type=float, default=11.0,
+                        help="start no comparison group after this many minutes (the longest takes 3-4)")
     parser.add_argument("--command", default=COMMAND, help="the command recorded with the numbers")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per case (0: torch's default)")
     args = parser.parse_args(argv)
