@@ -6,7 +6,6 @@ import math
 import random
 from pathlib import Path
 
-
 from firempo_kernels.integrations import demo
 from firempo_kernels.integrations.data.records import QARecord
 from firempo_kernels.integrations.evaluate import EvalReport
