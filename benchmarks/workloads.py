@@ -56,7 +56,7 @@ REGIMES = {
     "dense": lambda seq: {"spans": seq, "response": seq},
 }
 
-# The paper's defaults (DESIGN.md section 1).
+# The paper's defaults (docs/design.md section 1).
 LOSS_HPARAMS = {"beta": 0.1, "alpha": 0.01, "gamma": 0.1, "lambda_": 0.5}
 IGNORE = -100
 # Logits get a standard deviation of about LOGIT_STD, the spread of a trained LM head's logits; the

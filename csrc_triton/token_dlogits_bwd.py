@@ -1,7 +1,7 @@
 """Backward: the gradient of the per-token outputs w.r.t. one chunk of policy logits, recomputed.
 
 For token n and vocabulary entry j, with p = softmax(s), q = softmax(t) rebuilt from the saved
-log-sum-exps and E_p[s - t] saved by the forward (DESIGN.md section 3):
+log-sum-exps and E_p[s - t] saved by the forward (docs/design.md section 3):
 
     dS[n, j] = ( g_lp (1[j = y] - p_j) + g_f (p_j - q_j) + g_r p_j ((s_j - t_j) - E_p[s - t]) ) / tau
 

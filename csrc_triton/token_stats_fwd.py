@@ -2,7 +2,7 @@
 
 One program owns BLOCK_N tokens and one slice of the vocabulary. It walks that slice tile by tile with an
 online max (as in flash attention) and keeps, per token and per model, the running max ``m``, the sum of
-``exp(logit - m)``, the target logit and the KL accumulator ``A`` (DESIGN.md section 3). The partial
+``exp(logit - m)``, the target logit and the KL accumulator ``A`` (docs/design.md section 3). The partial
 statistics of all slices are merged on the host side (``firempo_kernels.token_stats.merge_partials``).
 """
 

@@ -1,5 +1,5 @@
 """The FiRe-MPO loss family (layer 3): span-level DPO rewards, the visual-contrastive term and the two-sided
-token KL, computed from hidden states by the fused ops (DESIGN.md section 1).
+token KL, computed from hidden states by the fused ops (docs/design.md section 1).
 
     FiReMPOLoss(beta, alpha, gamma, lambda_, visual_pairing, temperature, ignore_index)   nn.Module
     firempo_loss(weight, hidden, ref_hidden, labels, span_weights, ...)                   functional twin
@@ -8,7 +8,8 @@ token KL, computed from hidden states by the fused ops (DESIGN.md section 1).
 How it is computed: the span tokens (weight > 0) of all rows are gathered first, (v, y+) first; the head runs
 on them only, in one call of :func:`fused_linear_token_kl` that yields the policy and reference log-probs
 everywhere and both KL directions, which get a non-zero weight (and hence a backward over the reference
-logits) only at the (v, y+) tokens. Per-row weighted sums come from one ``index_add``.
+logits) only at the (v, y+) tokens. Per-row weighted sums come from one ``index_add`` in float64, Delta as
+the sum of per-token differences, so that long rows lose nothing to the sums (docs/design.md section 5).
 """
 
 import math
@@ -95,6 +96,16 @@ class _Hyperparameters:
             temperature=v.check_positive_finite(fn, "temperature", temperature),
             ignore_index=ignore_index,
         )
+
+    @property
+    def needs_corrupted_pass(self) -> bool:
+        """gamma > 0: the visual term reads the (v', .) rows."""
+        return self.gamma > 0
+
+    @property
+    def needs_reference_hidden(self) -> bool:
+        """alpha > 0: the token KL rebuilds the reference distribution at the (v, y+) span tokens."""
+        return self.alpha > 0
 
 
 def _check_num_examples(fn: str, num_examples_in_batch) -> None:
@@ -218,7 +229,7 @@ def _evaluate_head(fn, hp, tokens, weight, bias, hidden, ref_hidden, ref_weight,
         )
         return _SpanTokenValues(out.logp, out.ref_logp, out.kl_forward, out.kl_reverse)
 
-    need_kl = hp.alpha > 0
+    need_kl = hp.needs_reference_hidden
     s0 = _check_reference(
         fn, ref_hidden, tokens, hp.temperature, 4 if visual else 2, ref_weight if need_kl else None
     )
@@ -274,7 +285,7 @@ def _firempo_loss(
     _check_num_examples(fn, num_examples_in_batch)
 
     # With gamma = 0 the (v', .) rows carry no loss: leave them out rather than run the head on them.
-    visual = has_corrupted_image is not None and hp.gamma > 0
+    visual = has_corrupted_image is not None and hp.needs_corrupted_pass
     tokens = gather_span_tokens(
         fn, labels, span_weights, has_corrupted_image,
         vocab=weight.shape[0], ignore_index=hp.ignore_index, include_corrupted=visual,
@@ -283,24 +294,33 @@ def _firempo_loss(
     values = _evaluate_head(fn, hp, tokens, weight, bias, hidden, ref_hidden, ref_weight, ref_bias, visual)
 
     acc = values.logp.dtype
-    w = tokens.weights.to(acc)
+    # Every per-row reduction runs in float64 (docs/design.md section 5): a dense row of T tokens sums to
+    # about -T log V, and fp32 sums of that size, accumulated one token at a time and then subtracted
+    # (policy minus reference), lose more than the per-token values carry. The operands are [S] and the
+    # results [k * B], so the wide dtype costs nothing next to the head; the backward casts the gradients
+    # back to the fp32 per-token tensors.
+    wide = torch.float64
+    w = tokens.weights.to(wide)
     kl_w = torch.where(tokens.rows < b, w, 0.0)
+    logp = values.logp.to(wide)
     has_kl = values.kl_forward is not None
     use_kl = has_kl and hp.alpha > 0
-    # Detach what the loss does not use, so the backward neither carries nor rebuilds it.
-    columns = [w * values.logp, w * values.ref_logp.to(acc)]
+    # Delta sums the per-token differences, not two sums: the difference of two fp32 values is exact in
+    # float64, so Delta carries only the per-token errors. Detach what the loss does not use, so the
+    # backward neither carries nor rebuilds it.
+    columns = [w * (logp - values.ref_logp.to(wide)), w * logp.detach()]
     if has_kl:
         columns += [
-            kl_w * (values.kl_forward if use_kl and hp.lambda_ > 0 else values.kl_forward.detach()),
-            kl_w * (values.kl_reverse if use_kl and hp.lambda_ < 1 else values.kl_reverse.detach()),
+            kl_w * (values.kl_forward if use_kl and hp.lambda_ > 0 else values.kl_forward.detach()).to(wide),
+            kl_w * (values.kl_reverse if use_kl and hp.lambda_ < 1 else values.kl_reverse.detach()).to(wide),
         ]
-    sums = values.logp.new_zeros((k * b, len(columns))).index_add_(0, tokens.rows, torch.stack(columns, dim=1))
-    delta = (sums[:, 0] - sums[:, 1]).reshape(k, b)
+    sums = logp.new_zeros((k * b, len(columns))).index_add_(0, tokens.rows, torch.stack(columns, dim=1))
+    delta = sums[:, 0].reshape(k, b)
 
     rank = -F.logsigmoid(hp.beta * (delta[0] - delta[1]))
     visual_loss = kl_loss = torch.zeros_like(rank)
     if visual:
-        c = tokens.has_corrupted_image.to(acc)
+        c = tokens.has_corrupted_image.to(wide)
         visual_margin = {
             "reversed": delta[3] - delta[2],
             "same_response": delta[0] - delta[2],
@@ -310,16 +330,17 @@ def _firempo_loss(
     if use_kl:
         kl_loss = hp.alpha * (hp.lambda_ * sums[:b, 2] + (1 - hp.lambda_) * sums[:b, 3])
     per_example = rank + visual_loss + kl_loss
-    loss = per_example.sum() / (b if num_examples_in_batch is None else num_examples_in_batch)
+    # One rounding to the output dtype, at the very end.
+    loss = (per_example.sum() / (b if num_examples_in_batch is None else num_examples_in_batch)).to(acc)
 
     with torch.no_grad():
         metrics = {
             "rewards/chosen": hp.beta * delta[0].mean(),
             "rewards/rejected": hp.beta * delta[1].mean(),
             "rewards/margins": hp.beta * (delta[0] - delta[1]).mean(),
-            "rewards/accuracies": (delta[0] > delta[1]).to(acc).mean(),
-            "logps/chosen": sums[:b, 0].mean(),
-            "logps/rejected": sums[b : 2 * b, 0].mean(),
+            "rewards/accuracies": (delta[0] > delta[1]).to(wide).mean(),
+            "logps/chosen": sums[:b, 1].mean(),
+            "logps/rejected": sums[b : 2 * b, 1].mean(),
             "loss/rank": rank.mean(),
             "loss/visual": visual_loss.mean(),
             "loss/kl": kl_loss.mean(),
@@ -329,8 +350,9 @@ def _firempo_loss(
             metrics["kl/reverse"] = sums[:b, 3].sum() / kl_w.sum()
         if visual:
             metrics["visual/margins"] = hp.beta * (c * visual_margin).sum() / c.sum()
-        metrics["span_tokens"] = torch.tensor(float(tokens.index.shape[0]), dtype=acc, device=loss.device)
-        metrics = {name: value.detach() for name, value in metrics.items()}
+        metrics["span_tokens"] = torch.tensor(float(tokens.index.shape[0]), dtype=wide, device=loss.device)
+        # Reported in the loss's dtype, each rounded once from its float64 value.
+        metrics = {name: value.detach().to(acc) for name, value in metrics.items()}
     return FiReMPOOutput(loss, metrics)
 
 
@@ -389,7 +411,7 @@ def firempo_loss(
     Mean over the B examples of
     ``-log sigmoid(beta * (Delta(y+, v) - Delta(y-, v))) - gamma * c * log sigmoid(beta * m_visual)
     + alpha * sum_{t in M(y+), image v} w_t * (lambda_ * KL(ref || policy) + (1 - lambda_) * KL(policy || ref))``
-    with ``Delta(y, v) = sum_t w_t * (log pi_theta - log pi_ref)`` over the span tokens (DESIGN.md section 1).
+    with ``Delta(y, v) = sum_t w_t * (log pi_theta - log pi_ref)`` over the span tokens (docs/design.md section 1).
     For a baseline, pass ``**LOSS_PRESETS[name]``.
     """
     hp = _Hyperparameters.validated(
@@ -460,6 +482,22 @@ class FiReMPOLoss(torch.nn.Module):
     def dpo(cls, **overrides: Any) -> "FiReMPOLoss":
         """DPO (gamma = 0, alpha = 0); give span weight 1 to every response token for sequence rewards."""
         return cls.from_preset("dpo", **overrides)
+
+    @property
+    def needs_corrupted_pass(self) -> bool:
+        """True when gamma > 0: the visual term reads the (v', y+) and (v', y-) passes, so the policy and
+        the reference must run on the corrupted images (of the examples that have one). When False the loss
+        leaves those rows out even if ``has_corrupted_image`` is given, and a caller may skip the two passes
+        (read-only)."""
+        return self._hp.needs_corrupted_pass
+
+    @property
+    def needs_reference_hidden(self) -> bool:
+        """True when alpha > 0: the token KL needs the reference's full next-token distribution at the
+        (v, y+) span tokens, i.e. its hidden states there and its head, not only its target log-probs. A
+        :class:`PrecomputedReference` must then be built with ``keep_hidden=True``; when False, log-probs
+        alone suffice (read-only)."""
+        return self._hp.needs_reference_hidden
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={val!r}" for k, val in asdict(self._hp).items())

@@ -83,9 +83,17 @@ class TokenOutputs(NamedTuple):
 
 
 def finalize(stats: torch.Tensor, has_ref: bool) -> TokenOutputs:
-    """Per-token outputs from merged statistics ``[NUM_STATS, n]`` (DESIGN.md section 3)."""
+    """Per-token outputs from merged statistics ``[NUM_STATS, n]`` (docs/design.md sections 3 and 5)."""
+    # The log-probs are y - m - log z evaluated in float64 and rounded once: rounding the log-sum-exp to
+    # the statistics' dtype first would add a second rounding at its magnitude (~log V), and a long row
+    # sums T of these errors (docs/design.md section 5). The backward keeps reading lse in that dtype.
+    wide = torch.float64
+
+    def log_prob(m: int, z: int, y: int) -> torch.Tensor:
+        return (stats[y].to(wide) - stats[m].to(wide) - torch.log(stats[z].to(wide))).to(stats.dtype)
+
     lse = stats[M_S] + torch.log(stats[Z_S])
-    logp = stats[Y_S] - lse
+    logp = log_prob(M_S, Z_S, Y_S)
     if not has_ref:
         return TokenOutputs(logp, None, None, None, lse, None, None)
     ref_lse = stats[M_T] + torch.log(stats[Z_T])
@@ -93,11 +101,10 @@ def finalize(stats: torch.Tensor, has_ref: bool) -> TokenOutputs:
     # lse - ref_lse as (m_s - m_t) + log(z_s / z_t), in float64: when the models nearly agree both
     # log-sum-exps are O(|logit|) and almost equal, and subtracting them as rounded fp32 numbers would
     # leave an error larger than the KL itself (the usual state early in training).
-    wide = torch.float64
     lse_gap = (stats[M_S].to(wide) - stats[M_T].to(wide)) + torch.log(stats[Z_S].to(wide) / stats[Z_T].to(wide))
     kl_reverse = (expected_diff.to(wide) - lse_gap).to(stats.dtype)
     kl_forward = ((stats[A_T] / stats[Z_T]).to(wide) + lse_gap).to(stats.dtype)
-    return TokenOutputs(logp, stats[Y_T] - ref_lse, kl_forward, kl_reverse, lse, ref_lse, expected_diff)
+    return TokenOutputs(logp, log_prob(M_T, Z_T, Y_T), kl_forward, kl_reverse, lse, ref_lse, expected_diff)
 
 
 def chunk_dlogits(

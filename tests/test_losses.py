@@ -1,7 +1,8 @@
-"""The FiRe-MPO loss family against a float64 reference written straight from DESIGN.md section 1.
+"""The FiRe-MPO loss family against a float64 reference written straight from docs/design.md section 1.
 
 The reference builds the full [rows, T, V] logits of policy and reference, takes log_softmax, and evaluates
-each term of the equations per example. Tolerances: in fp32 the per-token log-probs carry ~1e-7 relative
+each term of the equations per example (in float64; in float32 it is the eager full-logits path that
+tests/test_losses_long.py compares against). Tolerances: in fp32 the per-token log-probs carry ~1e-7 relative
 error, the span sums a few 1e-6 absolute at these sizes; relative 1e-5 on the loss and 1e-4 on the gradients
 (scaled by the gradient's largest entry, since entries near 0 have no meaningful relative error) leave a
 margin of about 10x.
@@ -34,28 +35,31 @@ DEFAULTS = {"beta": 0.1, "alpha": 0.01, "gamma": 0.1, "lambda_": 0.5, "temperatu
 # ------------------------------------------------------------------------------------------------------
 # The reference
 # ------------------------------------------------------------------------------------------------------
-def full_log_softmax(hidden, weight, bias, temperature):
-    logits = hidden.double() @ weight.double().T
+def full_log_softmax(hidden, weight, bias, temperature, dtype=torch.float64):
+    logits = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
-        logits = logits + bias.double()
+        logits = logits + bias.to(dtype)
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
 def reference_terms(weight, hidden, ref_hidden, labels, span_weights, c, *, pairing="reversed",
-                    ref_weight=None, bias=None, ref_bias=None, beta, alpha, gamma, lambda_, temperature):
-    """Per-example terms of the FiRe-MPO loss, float64, from full logits (DESIGN.md section 1)."""
+                    ref_weight=None, bias=None, ref_bias=None, beta, alpha, gamma, lambda_, temperature,
+                    dtype=torch.float64):
+    """Per-example terms of the FiRe-MPO loss from full logits (docs/design.md section 1), computed in
+    ``dtype``: float64 is the reference; float32 is the eager full-logits path."""
     if ref_weight is None:  # a shared head; the reference is a frozen copy of it
         ref_weight, ref_bias = weight.detach(), None if bias is None else bias.detach()
-    logp_all = full_log_softmax(hidden, weight, bias, temperature)  # [k*B, T, V]
-    ref_all = full_log_softmax(ref_hidden, ref_weight, ref_bias, temperature)
+    logp_all = full_log_softmax(hidden, weight, bias, temperature, dtype)  # [k*B, T, V]
+    ref_all = full_log_softmax(ref_hidden, ref_weight, ref_bias, temperature, dtype)
     target = labels.clamp(min=0)[..., None]  # ignored positions have weight 0
     token_logp = logp_all.gather(-1, target)[..., 0]
     token_ref = ref_all.gather(-1, target)[..., 0]
-    w = span_weights.double()
+    w = span_weights.to(dtype)
     delta = (w * (token_logp - token_ref)).sum(dim=-1)  # Delta of every row
 
     num_examples = labels.shape[0] // (2 if c is None else 4)
-    terms = {"rank": [], "visual": [], "kl_forward": [], "kl_reverse": [], "delta": delta}
+    terms = {"rank": [], "visual": [], "kl_forward": [], "kl_reverse": [], "delta": delta,
+             "logps": (w * token_logp).sum(dim=-1)}
     for i in range(num_examples):
         def d(block):
             return delta[block * num_examples + i]
@@ -76,6 +80,37 @@ def reference_terms(weight, hidden, ref_hidden, labels, span_weights, c, *, pair
     terms["kl"] = lambda_ * terms["kl_forward"] + (1 - lambda_) * terms["kl_reverse"]
     terms["loss"] = (terms["rank"] + terms["visual"] + alpha * terms["kl"]).mean()
     return terms
+
+
+def reference_metrics(terms, span_weights, c, *, pairing="reversed", beta, alpha, gamma, **_):
+    """The metrics of :class:`FiReMPOOutput` from ``reference_terms``, in their dtype. ``visual/margins``
+    is there when the visual term is; the KL ones always (the loss leaves them out when it has no KL)."""
+    k = 2 if c is None else 4
+    b = span_weights.shape[0] // k
+    delta, logps = terms["delta"].reshape(k, b), terms["logps"].reshape(k, b)
+    w = span_weights.to(delta.dtype)
+    kl_tokens_weight = w[:b].sum()
+    visual = c is not None and gamma > 0
+    span_tokens = (w[: 2 * b] > 0).sum() + ((w[2 * b :] > 0).reshape(2, b, -1)[:, c].sum() if visual else 0)
+    metrics = {
+        "rewards/chosen": beta * delta[0].mean(),
+        "rewards/rejected": beta * delta[1].mean(),
+        "rewards/margins": beta * (delta[0] - delta[1]).mean(),
+        "rewards/accuracies": (delta[0] > delta[1]).to(delta.dtype).mean(),
+        "logps/chosen": logps[0].mean(),
+        "logps/rejected": logps[1].mean(),
+        "loss/rank": terms["rank"].mean(),
+        "loss/visual": terms["visual"].mean(),
+        "loss/kl": alpha * terms["kl"].mean(),
+        "kl/forward": terms["kl_forward"].sum() / kl_tokens_weight,
+        "kl/reverse": terms["kl_reverse"].sum() / kl_tokens_weight,
+        "span_tokens": span_tokens.to(delta.dtype),
+    }
+    if visual:
+        margin = {"reversed": delta[3] - delta[2], "same_response": delta[0] - delta[2],
+                  "cross": delta[0] - delta[3]}[pairing]
+        metrics["visual/margins"] = beta * margin[c].mean()
+    return metrics
 
 
 def reference_loss_and_grads(batch, config, pairing="reversed"):
@@ -238,29 +273,7 @@ def test_metrics_match_reference():
         batch["weight"], batch["hidden"], batch["ref_hidden"], batch["labels"], batch["span_weights"],
         batch["c"], ref_weight=batch["ref_weight"], bias=batch["bias"], ref_bias=batch["ref_bias"], **hp,
     )
-    b, beta, c = 4, hp["beta"], batch["c"]
-    delta = terms["delta"].reshape(4, b)
-    w = batch["span_weights"].double()
-    logp = full_log_softmax(batch["hidden"], batch["weight"], batch["bias"], hp["temperature"])
-    token_logp = logp.gather(-1, batch["labels"].clamp(min=0)[..., None])[..., 0]
-    kl_tokens_weight = w[:b].sum()
-    expected = {
-        "rewards/chosen": beta * delta[0].mean(),
-        "rewards/rejected": beta * delta[1].mean(),
-        "rewards/margins": beta * (delta[0] - delta[1]).mean(),
-        "rewards/accuracies": (delta[0] > delta[1]).double().mean(),
-        "logps/chosen": (w[:b] * token_logp[:b]).sum(-1).mean(),
-        "logps/rejected": (w[b : 2 * b] * token_logp[b : 2 * b]).sum(-1).mean(),
-        "loss/rank": terms["rank"].mean(),
-        "loss/visual": terms["visual"].mean(),
-        "loss/kl": hp["alpha"] * terms["kl"].mean(),
-        "kl/forward": terms["kl_forward"].sum() / kl_tokens_weight,
-        "kl/reverse": terms["kl_reverse"].sum() / kl_tokens_weight,
-        "visual/margins": beta * (delta[3] - delta[2])[c].mean(),
-        "span_tokens": torch.tensor(float(
-            (w[: 2 * b] > 0).sum() + (w[2 * b :] > 0).reshape(2, b, -1)[:, c].sum()
-        )),
-    }
+    expected = reference_metrics(terms, batch["span_weights"], batch["c"], **hp)
     assert set(out.metrics) == set(expected)
     for name, value in expected.items():
         assert not out.metrics[name].requires_grad, name
@@ -319,6 +332,52 @@ def test_presets_and_functional_twin():
     functional_out = call(firempo_loss, batch, **LOSS_PRESETS["rrpo"], beta=0.3, visual_pairing="cross")
     assert torch.equal(module_out.loss, functional_out.loss)
     assert module_out.metrics.keys() == functional_out.metrics.keys()
+
+
+@pytest.mark.parametrize("name, corrupted_pass, reference_hidden", [
+    ("firempo", True, True), ("rrpo", False, True), ("mask_dpo", False, False), ("dpo", False, False),
+])
+def test_what_a_preset_needs_from_the_caller(name, corrupted_pass, reference_hidden):
+    loss_fn = FiReMPOLoss.from_preset(name)
+    assert loss_fn.needs_corrupted_pass is corrupted_pass
+    assert loss_fn.needs_reference_hidden is reference_hidden
+    with pytest.raises(AttributeError):
+        loss_fn.needs_corrupted_pass = not corrupted_pass
+    with pytest.raises(AttributeError):
+        loss_fn.needs_reference_hidden = not reference_hidden
+
+
+def test_needs_properties_follow_gamma_and_alpha():
+    assert FiReMPOLoss(gamma=1e-6).needs_corrupted_pass and not FiReMPOLoss(gamma=0.0).needs_corrupted_pass
+    assert FiReMPOLoss(alpha=1e-6).needs_reference_hidden and not FiReMPOLoss(alpha=0.0).needs_reference_hidden
+    # Each depends on its own hyperparameter only.
+    assert FiReMPOLoss(gamma=0.0, alpha=0.3).needs_reference_hidden
+    assert FiReMPOLoss(alpha=0.0, gamma=0.3).needs_corrupted_pass
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.8])
+def test_needs_corrupted_pass_says_whether_the_v_prime_rows_are_read(monkeypatch, gamma):
+    batch = make_batch(num_examples=3, corrupted=True)
+    loss_fn = FiReMPOLoss(gamma=gamma)
+    spy = HeadSpy(monkeypatch)
+    call(loss_fn, batch)
+    total, _ = span_token_counts(batch, visual=loss_fn.needs_corrupted_pass)
+    assert spy.calls == [("token_kl", total)]
+    if not loss_fn.needs_corrupted_pass:  # the (v', .) rows may as well be left out by the caller
+        clean = with_(batch, c=None, **{name: batch[name][:6] for name in ("hidden", "ref_hidden", "labels",
+                                                                           "span_weights")})
+        assert torch.equal(call(loss_fn, clean).loss, call(loss_fn, batch).loss)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_needs_reference_hidden_says_whether_log_probs_suffice(alpha):
+    batch = make_batch(num_examples=2)
+    loss_fn = FiReMPOLoss(alpha=alpha)
+    reference = build_reference(batch, keep_hidden=loss_fn.needs_reference_hidden)
+    assert torch.isfinite(call(loss_fn, batch, ref=reference).loss)
+    if loss_fn.needs_reference_hidden:
+        with pytest.raises(ValueError, match="keep_hidden=True"):
+            call(loss_fn, batch, ref=build_reference(batch, keep_hidden=False))
 
 
 # ------------------------------------------------------------------------------------------------------
