@@ -9,12 +9,17 @@ any machine before a real model is involved.
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 import torch
 from torch import nn
 
 from .batch import PreferenceExample
 
-__all__ = ["TINY_FAMILIES", "tiny_config", "tiny_model", "synthetic_examples"]
+__all__ = [
+    "TINY_FAMILIES", "TINY_WORDS", "tiny_config", "tiny_model", "tiny_processor", "synthetic_rows", "synthetic_examples",
+]
 
 TINY_FAMILIES = ("llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
@@ -202,3 +207,304 @@ def synthetic_examples(
             f"{id_prefix}{i:05d}", *row(chosen_resp), *row(rejected_resp), images=images, corrupted_images=corrupted,
         ))
     return examples
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny processors: real transformers tokenizers/processors matched to the tiny models, built offline.
+
+# The sentences whose words (runs of letters/digits, single punctuation marks) make the word-level vocabulary,
+# in this order, after the chat words; then digits, lowercase letters and punctuation. The words of the
+# synthetic medical set (:mod:`.data.synthetic`) are all among them.
+_TINY_SENTENCES = (
+    "Is the lesion in the left or the right lung?",
+    "Is the lesion in the upper or the lower part of the lung?",
+    "Is the lesion large or small?",
+    "Is there a lesion in this scan?",
+    "Where is the lesion?",
+    "The lesion is in the upper left lung.",
+    "There is no lesion, the scan is normal.",
+    "What does the image show?",
+    "The image shows a red square and a blue circle on a white background.",
+    "Yes, there is a cat next to the green box.",
+    "No, it is not a dog.",
+    "What color is it? How many are there? Two.",
+    "The answer is yes.",
+    "The lesion is in the <mask>left</mask> lung.",  # tags kept as text tokenise too
+)
+_CHAT_WORDS = ("USER", ":", "ASSISTANT")
+
+
+def _tiny_words() -> tuple[str, ...]:
+    import string
+
+    words: dict[str, None] = dict.fromkeys(_CHAT_WORDS)
+    for sentence in _TINY_SENTENCES:
+        words.update(dict.fromkeys(re.findall(r"\w+|[^\w\s]", sentence)))
+    words.update(dict.fromkeys(string.digits + string.ascii_lowercase + ".,?!:;'\"-()/"))
+    return tuple(words)
+
+
+TINY_WORDS: tuple[str, ...] = _tiny_words()
+"""The text vocabulary of :func:`tiny_processor`, in id order from id 3: the chat words ``USER : ASSISTANT``,
+the words of ``_TINY_SENTENCES`` (every word of the synthetic medical set among them: ``Is the lesion in the
+left or the right lung ?``, ..., plus ``What does the image show``, ``red square blue circle white background``,
+``Yes cat next to green box No it not dog color How many are Two answer yes``, and ``< mask > /`` so that
+``<mask>...</mask>`` tags kept as text tokenise too), the digits 0-9, the lowercase letters a-z and the marks
+``. , ? ! : ; ' " - ( ) /``. Text is split into runs of letters/digits and single punctuation marks; any
+other word (capitalised single letters included) is ``<unk>``."""
+
+# Placeholder texts of the vision families (the real models' spellings) and the ids they get.
+_QWEN_TOKENS = {
+    "image_token": ("<|image_pad|>", "image_token_id"),
+    "video_token": ("<|video_pad|>", "video_token_id"),
+    "vision_start_token": ("<|vision_start|>", "vision_start_token_id"),
+    "vision_end_token": ("<|vision_end|>", "vision_end_token_id"),
+}
+_LLAVA_TOKENS = {"image_token": ("<image>", "image_token_id")}
+_QWEN_IMAGE_TEXT = "<|vision_start|><|image_pad|><|vision_end|>"
+_TINY_IMAGE_SIZE = 16  # pixels: what the tiny vision towers of tiny_config take (4 image tokens)
+
+
+def _chat_template(image_text: str) -> str:
+    """``USER: <image text> {question} ASSISTANT:`` like :data:`.data.embedded.CHAT_TEMPLATE`; a message's
+    content may be a string or a list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` items."""
+    image = f"{image_text} " if image_text else ""
+    return (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'user' %}USER: {% elif m['role'] == 'assistant' %}ASSISTANT: {% endif %}"
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %} {% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
+def _tiny_tokenizer(family: str, vocab_size: int):
+    """A word-level ``PreTrainedTokenizerFast`` of exactly ``vocab_size`` tokens laid out like tiny_config."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = _special_ids(vocab_size)
+    placeholders = {"llama": {}, "llava": _LLAVA_TOKENS}.get(family, _QWEN_TOKENS)
+    top = {special[id_key]: text for text, id_key in placeholders.values()}
+    base = ["<pad>", "<unk>", "</s>"]  # pad id 0 as in tiny_config
+    room = vocab_size - _NUM_SPECIAL - len(base)
+    words = list(TINY_WORDS[:room])
+    vocab = {w: i for i, w in enumerate(base + words)}
+    for i in range(len(vocab), vocab_size):  # unused ids (and the reserved top ones) get unreachable fillers
+        vocab[top.get(i, f"<|reserved_{i}|>")] = i
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    # runs of letters/digits, and every punctuation mark alone ("</" is two tokens)
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        eos_token="</s>",
+        extra_special_tokens={name: text for name, (text, _) in placeholders.items()},
+    )
+    image_text = {"llama": "", "llava": _LLAVA_TOKENS["image_token"][0]}.get(family, _QWEN_IMAGE_TEXT)
+    tok.chat_template = _chat_template(image_text)
+    for name, (text, id_key) in placeholders.items():  # the layout the tiny models rely on
+        assert tok.convert_tokens_to_ids(text) == special[id_key], (name, text)
+    assert len(tok) == vocab_size and tok.pad_token_id == special["pad_token_id"]
+    return tok
+
+
+_TINY_CLASS_NAMES = ("TinyQwenVLImageProcessor", "TinyQwen2VLProcessor", "TinyQwen2_5_VLProcessor",
+                     "TinyQwen3VLProcessor")
+
+
+def _build_tiny_classes() -> None:
+    """Defines the Qwen-VL subclasses below (they need transformers, imported lazily) as module attributes,
+    so that they pickle by reference like any module-level class."""
+    import math
+
+    import transformers
+    from transformers.image_utils import SizeDict
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    class TinyQwenVLImageProcessor(Qwen2VLImageProcessorPil):
+        """``Qwen2VLImageProcessorPil`` that resizes every image to a fixed ``s x s`` square, where
+        ``size = {"shortest_edge": s*s, "longest_edge": s*s}`` (min_pixels = max_pixels = s*s), instead of
+        keeping the aspect ratio: any image gives the same ``(1, s/p, s/p)`` patch grid."""
+
+        def _side(self, size: Any) -> int:
+            longest = size["longest_edge"] if isinstance(size, dict) else size.longest_edge
+            side = math.isqrt(int(longest))
+            if side * side != longest:
+                raise ValueError(f"TinyQwenVLImageProcessor: `size['longest_edge']` must be a square; got {longest}")
+            return side
+
+        def resize(self, image, size, resample, factor, **kwargs):  # noqa: D102 (see the class)
+            side = self._side(size)
+            return super(Qwen2VLImageProcessorPil, self).resize(
+                image=image, size=SizeDict(height=side, width=side), resample=resample
+            )
+
+        def get_number_of_image_patches(self, height: int, width: int, images_kwargs: dict | None = None) -> int:
+            patch = (images_kwargs or {}).get("patch_size", self.patch_size)
+            return (self._side(self.size) // patch) ** 2
+
+    def images_only(base: type) -> type:
+        class Processor(base):
+            __doc__ = (
+                f"``{base.__name__}`` without a video processor (the stock video processors need torchvision; "
+                "the tiny models take images only)."
+            )
+
+            def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+                super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+        return Processor
+
+    classes = {
+        "TinyQwenVLImageProcessor": TinyQwenVLImageProcessor,
+        "TinyQwen2VLProcessor": images_only(transformers.Qwen2VLProcessor),
+        "TinyQwen2_5_VLProcessor": images_only(transformers.Qwen2_5_VLProcessor),
+    }
+    if hasattr(transformers, "Qwen3VLProcessor"):
+        classes["TinyQwen3VLProcessor"] = images_only(transformers.Qwen3VLProcessor)
+    for name, cls in classes.items():
+        cls.__name__ = cls.__qualname__ = name
+        cls.__module__ = __name__
+        globals()[name] = cls
+
+
+def __getattr__(name: str) -> Any:
+    """The Qwen-VL tiny classes are defined on first access (``import transformers`` is deferred)."""
+    if name in _TINY_CLASS_NAMES:
+        if "TinyQwenVLImageProcessor" not in globals():
+            _build_tiny_classes()
+        if name in globals():
+            return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def tiny_processor(family: str, *, vocab_size: int = 128):
+    """A real transformers processor matched to :func:`tiny_model` of ``family``, built offline.
+
+    * tokenizer: a word-level ``PreTrainedTokenizerFast`` of exactly ``vocab_size`` tokens: ``<pad>`` (0, the
+      tiny models' pad id), ``<unk>`` (1), ``</s>`` (2, eos; no bos), then :data:`TINY_WORDS` (as many as fit
+      below the 8 reserved top ids), unreachable fillers, and the family's placeholders at the ids
+      :func:`tiny_config` uses: Llava ``<image>`` = vocab-1; Qwen-VL ``<|image_pad|>`` = vocab-1,
+      ``<|video_pad|>`` = vocab-2, ``<|vision_start|>`` = vocab-3, ``<|vision_end|>`` = vocab-4.
+    * chat template: ``USER: <image text> {text} ASSISTANT:`` where the image text is ``<image>`` (Llava) or
+      ``<|vision_start|><|image_pad|><|vision_end|>`` (Qwen-VL), one per ``{"type": "image"}`` item.
+    * image processor: any RGB (or convertible) PIL image becomes exactly the tiny vision tower's input, a
+      16 x 16 image: 4 image tokens for every image whatever its size or aspect ratio (squashed, not
+      cropped). Llava: ``CLIPImageProcessorPil`` resizing to 16 x 16 (8-px patches, CLS dropped). Qwen-VL:
+      :class:`TinyQwenVLImageProcessor` (``Qwen2VLImageProcessorPil`` with patch_size 4, merge_size 2,
+      temporal_patch_size 2, min_pixels = max_pixels = 256, a fixed 16 x 16 resize): grid ``(1, 4, 4)``.
+
+    Returns:
+        ``"llama"``: the tokenizer alone. ``"llava"``: a ``LlavaProcessor``. ``"qwen2_vl"``, ``"qwen2_5_vl"``,
+        ``"qwen3_vl"``: a subclass of ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor``
+        without a video processor (videos are not supported; the stock video processors need torchvision).
+        Qwen processors return ``mm_token_type_ids``. ``save_pretrained`` works, but a saved Qwen folder does
+        not reload with ``AutoProcessor`` (the tiny classes are not registered): call this function again.
+
+    Example::
+
+        proc = tiny_processor("qwen2_vl")
+        text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": "Where is the lesion?"}]}],
+                                        add_generation_prompt=True)
+        batch = proc(text=[text], images=[[pil_image]], return_tensors="pt")
+        logits = tiny_model("qwen2_vl")(**batch).logits
+
+    Raises:
+        ValueError: unknown ``family``; ``vocab_size`` not an int >= 16.
+    """
+    import transformers
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"tiny_processor: `family` must be one of {TINY_FAMILIES}; got {family!r}")
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < 16:
+        raise ValueError(f"tiny_processor: `vocab_size` must be an int >= 16; got {vocab_size!r}")
+    tok = _tiny_tokenizer(family, vocab_size)
+    if family == "llama":
+        return tok
+    config = tiny_config(family, vocab_size=vocab_size)
+    v = config.vision_config
+    half = [0.5, 0.5, 0.5]
+    if family == "llava":
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        images = CLIPImageProcessorPil(
+            size={"height": v.image_size, "width": v.image_size}, do_center_crop=False,
+            image_mean=half, image_std=half,
+        )
+        return transformers.LlavaProcessor(
+            image_processor=images, tokenizer=tok, patch_size=v.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
+            chat_template=tok.chat_template,
+        )
+    if family == "qwen3_vl" and not hasattr(transformers, "Qwen3VLProcessor"):
+        raise ValueError("tiny_processor: this transformers release has no Qwen3-VL")
+    side = v.patch_size * v.spatial_merge_size * 2  # a (1, 2m, 2m) grid merged m x m: 4 tokens
+    assert side == _TINY_IMAGE_SIZE
+    images = __getattr__("TinyQwenVLImageProcessor")(  # (module attributes once defined)
+        size={"shortest_edge": side * side, "longest_edge": side * side}, patch_size=v.patch_size,
+        merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size, image_mean=half, image_std=half,
+    )
+    cls_name = {"qwen2_vl": "TinyQwen2VLProcessor", "qwen2_5_vl": "TinyQwen2_5_VLProcessor",
+                "qwen3_vl": "TinyQwen3VLProcessor"}[family]
+    return __getattr__(cls_name)(image_processor=images, tokenizer=tok, chat_template=tok.chat_template)
+
+
+def synthetic_rows(
+    family: str,
+    num_examples: int,
+    *,
+    seed: int = 0,
+    corrupted_every: int = 1,
+    prompt_len: int = 5,
+    response_len: int = 6,
+):
+    """Random preference rows in TRL's format for a tiny model of ``family`` and :func:`tiny_processor`.
+
+    Each row: ``id``, a ``prompt`` of random words, ``chosen``/``rejected`` responses that agree except in one
+    ``<mask>``-tagged word, a random 16 x 16 RGB image in ``images`` (vision families) and, for every
+    ``corrupted_every``-th row (0: none), a noisier copy in ``corrupted_images`` (else ``[]``).
+
+    Returns:
+        a ``datasets.Dataset`` with those columns.
+    """
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"synthetic_rows: `family` must be one of {TINY_FAMILIES}; got {family!r}")
+    if num_examples < 1 or response_len < 2 or prompt_len < 1:
+        raise ValueError(
+            "synthetic_rows: need num_examples >= 1, prompt_len >= 1 and response_len >= 2; got "
+            f"{num_examples}, {prompt_len}, {response_len}"
+        )
+    words = [w for w in TINY_WORDS if w.isalpha() and len(w) > 1 and w not in ("USER", "ASSISTANT", "mask")]
+    rng = np.random.default_rng(seed)
+    vision = family != "llama"
+    rows = []
+    for i in range(num_examples):
+        prompt = " ".join(rng.choice(words, prompt_len + i % 3))
+        response = list(rng.choice(words, response_len + i % 2))
+        k = int(rng.integers(0, len(response)))
+        other = response.copy()
+        other[k] = str(rng.choice([w for w in words if w != response[k]]))
+        chosen = " ".join(f"<mask>{w}</mask>" if j == k else w for j, w in enumerate(response))
+        rejected = " ".join(f"<mask>{w}</mask>" if j == k else w for j, w in enumerate(other))
+        row = {"id": f"ex{i:05d}", "prompt": prompt, "chosen": " " + chosen, "rejected": " " + rejected}
+        if vision:
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            row["images"] = [Image.fromarray(pixels, "RGB")]
+            noisy = np.clip(pixels + rng.normal(0, 45, pixels.shape), 0, 255).astype(np.uint8)
+            row["corrupted_images"] = (
+                [Image.fromarray(noisy, "RGB")] if corrupted_every and i % corrupted_every == 0 else []
+            )
+        rows.append(row)
+    if not vision:
+        return datasets.Dataset.from_list(rows)
+    from .data.hf_dataset import preference_features
+
+    return datasets.Dataset.from_list(rows, features=preference_features())

@@ -7,6 +7,7 @@
     build_pairs  on-policy pairs: greedy answers, edits, the paper's chosen/rejected policy
     corrupt      lesion noise (sigma 45 in the mask, 12 on the whole image without one), seeded per id
     dataset      records -> trainer examples (PreferenceExample)
+    hf_dataset   records -> Hugging Face datasets.Dataset in TRL's preference format (images decoded up front)
     synthetic    deterministic synthetic medical VQA set (the embedded default)
     embedded     offline word-level tokenizer, processor and tiny random Llava
 """
@@ -16,6 +17,12 @@ from .corrupt import corrupt_array, corrupt_records, lesion_region, record_seed
 from .dataset import PreferenceDataset, PromptEncoder, load_image
 from .diff import TaggedPair, tag_differences
 from .editors import Edit, Editor, LLMEditor, RuleBasedEditor, load_editor
+from .hf_dataset import (
+    load_preference_dataset,
+    preference_dataset_from_records,
+    preference_features,
+    preference_rows_from_records,
+)
 from .records import (
     PreferenceRecord,
     QARecord,
@@ -53,11 +60,15 @@ __all__ = [
     "lesion_region",
     "load_editor",
     "load_image",
+    "load_preference_dataset",
     "load_preference_records",
     "load_qa_records",
     "make_pair",
     "make_pairs",
     "parse_tags",
+    "preference_dataset_from_records",
+    "preference_features",
+    "preference_rows_from_records",
     "record_seed",
     "tag_differences",
     "write_records",
