@@ -40,7 +40,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "hf": ["transformers>=4.57", "pillow", "safetensors", "tokenizers"],
+        "hf": ["transformers>=4.57", "pillow", "safetensors", "tokenizers", "trl>=1.16", "datasets>=4.7"],
         "deepspeed": ["deepspeed>=0.16", "pyyaml", "tqdm"],
         "peft": ["peft"],
         "bench": ["pytest-benchmark", "matplotlib", "liger-kernel"],

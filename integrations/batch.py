@@ -267,6 +267,8 @@ class PreferenceCollator:
         ignore_index: the label of positions that are not predicted.
         pad_to_multiple_of: round T up to a multiple of this (fewer distinct shapes, friendlier kernels).
         validate: check every example first (cheap next to a model pass; turn off only for speed tests).
+        unique_ids: refuse a batch in which an example id repeats (ids key the precomputed reference; turn off
+            only where equal ids mean equal content, e.g. ids that hash the example).
     """
 
     def __init__(
@@ -276,6 +278,7 @@ class PreferenceCollator:
         ignore_index: int = -100,
         pad_to_multiple_of: int | None = None,
         validate: bool = True,
+        unique_ids: bool = True,
     ) -> None:
         for name, value in (("pad_token_id", pad_token_id), ("ignore_index", ignore_index)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -290,6 +293,7 @@ class PreferenceCollator:
         self.ignore_index = ignore_index
         self.pad_to_multiple_of = pad_to_multiple_of
         self.validate = validate
+        self.unique_ids = unique_ids
 
     def __call__(self, examples: Sequence[PreferenceExample]) -> PreferenceBatch:
         if len(examples) == 0:
@@ -300,7 +304,7 @@ class PreferenceCollator:
             if self.validate:
                 ex.validate(self.ignore_index)
         ids = [ex.example_id for ex in examples]
-        if len(set(ids)) != len(ids):
+        if self.unique_ids and len(set(ids)) != len(ids):
             raise ValueError(f"PreferenceCollator: example ids must be unique within a batch; got {ids}")
         rows = [(ex.chosen_input_ids, ex.chosen_labels, ex.chosen_span_weights) for ex in examples]
         rows += [(ex.rejected_input_ids, ex.rejected_labels, ex.rejected_span_weights) for ex in examples]

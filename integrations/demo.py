@@ -38,7 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-TRAIN_CURVES = ("loss", "rewards/margins", "rewards/accuracies", "kl/forward", "kl/reverse")
+TRAIN_CURVES = ("loss", "rewards/margins", "rewards/accuracies", "kl/forward", "kl/reverse", "visual/margins")
+REPORT_ROWS = TRAIN_CURVES + ("loss/visual",)
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,7 @@ def write_run_config(out: Path, base_dir: Path, pairs: Path, cfg: DemoConfig) ->
             "gradient_checkpointing": False,  # a 0.1 M-parameter model has no activations worth recomputing
             "seed": cfg.seed,
             "tensorboard": False,
+            "save_final_model": True,
         },
     }
     path = out / "run.json"
@@ -201,8 +203,17 @@ def launch_training(run_config: Path, ranks: int, log_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a trainer ``metrics.jsonl``."""
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The logged training rows (one per optimizer step) of a trainer's ``trainer_state.json``."""
+    state = json.loads(path.read_text(encoding="utf-8"))
+    return [row for row in state["log_history"] if "loss" in row and "train_loss" not in row]
+
+
+def write_metrics(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """The rows as JSON lines, written to a temporary file and renamed, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], png: Path, *, dpi: int = 110) -> Path:
@@ -214,8 +225,10 @@ def plot_curves(rows: Sequence[dict[str, Any]], png: Path, *, dpi: int = 110) ->
 
     titles = {"loss": "FiRe-MPO loss", "rewards/margins": "reward margin (chosen - rejected)",
               "rewards/accuracies": "reward accuracy", "kl/forward": "KL(ref || policy) on y+ spans",
-              "kl/reverse": "KL(policy || ref) on y+ spans"}
-    fig, axes = plt.subplots(1, len(TRAIN_CURVES), figsize=(4 * len(TRAIN_CURVES), 3.2))
+              "kl/reverse": "KL(policy || ref) on y+ spans",
+              "visual/margins": "visual margin on v' (want > 0)"}
+    fig, axes = plt.subplots(2, (len(TRAIN_CURVES) + 1) // 2, figsize=(4 * ((len(TRAIN_CURVES) + 1) // 2), 6.4))
+    axes = axes.flatten()
     steps = [r["step"] for r in rows]
     for ax, name in zip(axes, TRAIN_CURVES):
         values = [r.get(name) if r.get(name) is not None else math.nan for r in rows]
@@ -286,13 +299,30 @@ def verdicts(base, trained) -> list[str]:
     return lines
 
 
+def visual_verdict(clean_first: float, clean_last: float, visual_first: float, visual_last: float) -> str:
+    """What the clean and the visual margins say together, in plain words."""
+    head = (f"Clean reward margin {clean_first:+.3f} -> {clean_last:+.3f}; visual margin (beta x [Delta(y-, v') - "
+            f"Delta(y+, v')], the term that should grow when the lesion is corrupted) {visual_first:+.3f} -> "
+            f"{visual_last:+.3f}.")
+    if math.isnan(visual_last):
+        return head + " No example had a corrupted image, so the visual term never ran."
+    if visual_last < 0 and clean_last > 0:
+        return head + (
+            " The model learned to prefer the right answer, and it prefers it on the corrupted scan too, even "
+            "more than the reference does: the preference did not come from looking at the lesion. The visual "
+            "term (gamma) lost against the rank term; a larger gamma, or more steps, is what would push it.")
+    if visual_last > 0:
+        return head + " On corrupted scans the model is less sure of the right phrase than the reference: it uses the lesion."
+    return head + " Neither margin moved clearly."
+
+
 def write_report(out: Path, cfg: DemoConfig, facts: dict[str, Any], rows, base, trained, png: Path) -> Path:
     """``report.md``: setup, training curves summary, base vs trained table and the verdicts."""
     from .evaluate import comparison_table
 
-    first = {n: _mean(rows, n, "first") for n in TRAIN_CURVES}
-    last = {n: _mean(rows, n, "last") for n in TRAIN_CURVES}
-    curve_lines = [f"| {n} | {first[n]:.4f} | {last[n]:.4f} |" for n in TRAIN_CURVES]
+    first = {n: _mean(rows, n, "first") for n in REPORT_ROWS}
+    last = {n: _mean(rows, n, "last") for n in REPORT_ROWS}
+    curve_lines = [f"| {n} | {first[n]:.4f} | {last[n]:.4f} |" for n in REPORT_ROWS]
     setup = [
         f"- Data: {facts['train_records']} training questions on {cfg.train_images} synthetic scans, "
         f"{facts['heldout_records']} held-out questions on {cfg.heldout_images} other scans (closed: side, level, "
@@ -316,6 +346,8 @@ def write_report(out: Path, cfg: DemoConfig, facts: dict[str, Any], rows, base, 
         f"![training curves]({png.name})",
         "Mean of the first and of the last tenth of the steps:",
         "| metric | first | last |\n|---|---|---|\n" + "\n".join(curve_lines),
+        visual_verdict(first["rewards/margins"], last["rewards/margins"], first["visual/margins"],
+                       last["visual/margins"]),
         "## Held-out evaluation, base vs trained",
         comparison_table({"base": base, "trained": trained}),
         "## What moved and what did not",
@@ -390,9 +422,8 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
     train_s = time.perf_counter() - t0
     final = out / "train" / "final"
     processor.save_pretrained(final)  # the trainer saves the weights; the processor makes the folder loadable
-    rows = read_metrics(out / "train" / "metrics.jsonl")
-    metrics_path = out / "metrics.jsonl"
-    shutil.copyfile(out / "train" / "metrics.jsonl", metrics_path)
+    rows = read_metrics(out / "train" / "trainer_state.json")
+    metrics_path = write_metrics(rows, out / "metrics.jsonl")
     _say(f"trained {len(rows)} steps in {train_s:.0f} s; model in {final}, metrics in {metrics_path}")
 
     trained, _ = load_model(str(final))

@@ -33,8 +33,9 @@ from torch import nn
 from firempo_kernels.precomputed_reference import PrecomputedReference
 
 from .batch import PreferenceBatch
-from .models import get_adapter
-from .trainer import block_hidden_states, block_targets, is_peft_model
+from .forward import block_targets
+from .models import get_adapter, unwrap_model
+from .reference import AdaptersDisabledReference, Reference, as_reference, is_peft_model, whole_head
 
 __all__ = ["PrecomputedReferenceStore", "ReferenceShardWriter", "precompute_reference", "STORE_FORMAT"]
 
@@ -128,10 +129,11 @@ def _write_index(directory: Path, world_size: int, metadata: dict[str, Any]) -> 
 
 @torch.no_grad()
 def precompute_reference(
-    reference: nn.Module,
+    reference: Reference | nn.Module,
     batches,
     directory: str | os.PathLike,
     *,
+    policy: nn.Module | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
     keep_hidden: bool = True,
@@ -146,71 +148,72 @@ def precompute_reference(
     """Run the reference over ``batches`` and store what the loss needs, per example.
 
     Args:
-        reference: the reference model (a Hugging Face model; a peft model runs with its adapters disabled,
-            which is the reference of LoRA training). Run in eval mode, without gradients.
+        reference: a live :class:`~.reference.Reference`, or a model: a peft model stands for itself with its
+            adapters disabled (the reference of LoRA training), any other model for a frozen reference.
         batches: an iterable of :class:`PreferenceBatch` (this rank's share of the data).
         directory: the store directory.
+        policy: the policy, needed when ``reference`` is an ``AdaptersDisabledReference``.
         temperature, ignore_index: must equal those of the training loss.
         keep_hidden: store the (v, y+) span-token hidden states (needed when the loss has alpha > 0).
         include_corrupted: also run and store the (v', .) blocks (needed when the loss has gamma > 0).
         rank, world_size: this process's place; with several ranks call it on all of them (rank 0 writes
             the index after a barrier).
-        device: where the batches go (default: the reference's).
+        device: where the batches go (default: the model's).
         shard_bytes, progress: shard size; a rank-0 progress bar.
-        metadata: extra JSON-able facts to record in the index (e.g. which model was the reference).
+        metadata: extra JSON-able facts to record in the index.
 
     Returns:
         The store directory.
     """
-    directory = Path(directory)
-    adapter = get_adapter(reference)
-    weight, bias = adapter.head(reference)
+    if isinstance(reference, nn.Module):
+        policy = reference
+        reference = AdaptersDisabledReference() if is_peft_model(reference) else as_reference(reference)
+    if not isinstance(reference, Reference) or reference.mode == "precomputed":
+        raise TypeError(
+            f"precompute_reference: `reference` must be a live Reference or a model; got {type(reference).__name__}"
+        )
+    model = reference.model if policy is None and hasattr(reference, "model") else policy
+    if model is None:
+        raise ValueError("precompute_reference: an AdaptersDisabledReference needs the `policy` it runs")
+    head = reference.head(model)
+    # Scored outside any forward, so a ZeRO-3 partitioned head is gathered into a whole copy first.
+    weight, bias = whole_head(head if head is not None else get_adapter(model).head(model))
     device = torch.device(device) if device is not None else weight.device
+    directory = Path(directory)
     writer = ReferenceShardWriter(directory, rank, shard_bytes)
-    was_training = reference.training
-    reference.eval()
     iterator = batches
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="reference pass", unit="batch", dynamic_ncols=True)
-    disable = reference.disable_adapter if is_peft_model(reference) else None
-    try:
-        for batch in iterator:
-            if not isinstance(batch, PreferenceBatch):
-                raise TypeError(f"precompute_reference: batches must be PreferenceBatch; got {type(batch).__name__}")
-            batch = batch.to(device, non_blocking=True)
-            corrupted = include_corrupted and batch.corrupted_images is not None
-            if disable is not None:
-                with disable():
-                    hidden = block_hidden_states(adapter, reference, batch, corrupted)
-                    weight, bias = adapter.head(reference)
-            else:
-                hidden = block_hidden_states(adapter, reference, batch, corrupted)
-                weight, bias = adapter.head(reference)
-            labels, span_weights, has_corrupted = block_targets(batch, corrupted)
-            ref = PrecomputedReference.from_reference_forward(
-                weight, hidden, labels, span_weights, has_corrupted,
-                ref_bias=bias, temperature=temperature, ignore_index=ignore_index, keep_hidden=keep_hidden,
-            )
-            for example_id, one in zip(batch.example_ids, ref.unbind()):
-                writer.add(example_id, one)
-    finally:
-        reference.train(was_training)
+    for batch in iterator:
+        if not isinstance(batch, PreferenceBatch):
+            raise TypeError(f"precompute_reference: batches must be PreferenceBatch; got {type(batch).__name__}")
+        batch = batch.to(device, non_blocking=True)
+        corrupted = include_corrupted and batch.corrupted_images is not None
+        hidden = reference.hidden_states(model, batch, corrupted)
+        labels, span_weights, has_corrupted = block_targets(batch, corrupted)
+        ref = PrecomputedReference.from_reference_forward(
+            weight, hidden, labels, span_weights, has_corrupted,
+            ref_bias=bias, temperature=temperature, ignore_index=ignore_index, keep_hidden=keep_hidden,
+        )
+        for example_id, one in zip(batch.example_ids, ref.unbind()):
+            writer.add(example_id, one)
     writer.close()
     if keep_hidden and rank == 0:
         from safetensors.torch import save_file
 
-        head = {"weight": weight.detach().cpu().contiguous()}
+        saved = {"weight": weight.detach().cpu().contiguous()}
         if bias is not None:
-            head["bias"] = bias.detach().cpu().contiguous()
-        save_file(head, str(directory / _HEAD))
+            saved["bias"] = bias.detach().cpu().contiguous()
+        save_file(saved, str(directory / _HEAD))
     metadata = {
+        "reference": "policy" if reference.mode == "adapters_disabled" else "model",
         **(metadata or {}),
         "format": STORE_FORMAT, "temperature": float(temperature), "ignore_index": int(ignore_index),
         "keep_hidden": bool(keep_hidden), "include_corrupted": bool(include_corrupted),
         "hidden_size": int(weight.shape[1]), "vocab_size": int(weight.shape[0]),
-        "model": type(reference).__name__,
+        "model": type(unwrap_model(model if reference.mode == "adapters_disabled" else reference.model)).__name__,
     }
     if world_size > 1:
         torch.distributed.barrier()

@@ -18,7 +18,7 @@ from firempo_kernels.integrations.models import (
     registered_adapters,
 )
 from firempo_kernels.integrations.smoke import TINY_FAMILIES, synthetic_examples, tiny_model
-from firempo_kernels.integrations.trainer import compute_firempo_loss
+from firempo_kernels.integrations.forward import compute_firempo_loss
 from firempo_kernels.losses import FiReMPOLoss
 
 EXPECTED_ADAPTER = {
@@ -88,7 +88,7 @@ def test_vision_inputs_reach_the_hidden_states(family):
 
 
 def firempo_loss_from_logits(logits, ref_logits, labels, weights, has_v_prime, *, beta, alpha, gamma, lambda_):
-    """FiRe-MPO from full logits, float64, straight from the equations of DESIGN.md section 1.
+    """FiRe-MPO from full logits, float64, straight from the equations of docs/design.md section 1.
 
     logits, ref_logits: [kB, T, V] for blocks (v, y+), (v, y-) and, when ``has_v_prime`` is given, (v', y+),
     (v', y-); labels/weights [kB, T] already aligned (logits[r, t] predicts labels[r, t]).

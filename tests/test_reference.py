@@ -1,8 +1,7 @@
-"""The thin adapter, the wrapped module, the precomputed-reference store and the run-config plumbing, in one
+"""The thin loss adapter and the three references (frozen model, adapters disabled, precomputed store), in one
 process without DeepSpeed (the ZeRO-3 runs are in test_trainer_distributed.py)."""
 
 import dataclasses
-import math
 
 import pytest
 import torch
@@ -10,15 +9,8 @@ import torch
 from firempo_kernels.integrations.batch import PreferenceCollator
 from firempo_kernels.integrations.precompute import PrecomputedReferenceStore, precompute_reference
 from firempo_kernels.integrations.smoke import synthetic_examples, tiny_model
-from firempo_kernels.integrations.trainer import (
-    ADAPTERS_DISABLED,
-    FiReMPOModule,
-    TrainerConfig,
-    build_deepspeed_config,
-    compute_firempo_loss,
-    cosine_schedule,
-    load_deepspeed_config,
-)
+from firempo_kernels.integrations.forward import compute_firempo_loss
+from firempo_kernels.integrations.reference import ADAPTERS_DISABLED, PrecomputedStoreReference
 from firempo_kernels.losses import FiReMPOLoss
 
 peft = pytest.importorskip("peft")
@@ -115,27 +107,14 @@ def test_precomputed_reference_shares_a_frozen_policy_head(tmp_path):
     precompute_reference(policy, [collate(data)], tmp_path, progress=False)
     store = PrecomputedReferenceStore(tmp_path)
     loss_fn = FiReMPOLoss(**HP)
-    module = FiReMPOModule(policy, loss_fn, "precomputed").train()
+    stored = PrecomputedStoreReference(store)
+    assert stored.head(policy) is None  # the frozen head is shared, not copied from the store
     # A batch without any v' while the loop asks for the (v', .) pass (another rank has one).
     for batch, corrupted in ((collate(data[1:3]), True), (collate(data), None)):
         live = loss_and_grads(policy, ADAPTERS_DISABLED, batch, loss_fn, corrupted_pass=corrupted)
-        module.zero_grad(set_to_none=True)
-        out = module(batch, store.lookup(batch.example_ids), corrupted_pass=corrupted)
-        out.loss.backward()
-        grads = {n.removeprefix("policy."): p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        out, grads = loss_and_grads(policy, stored, batch, loss_fn, corrupted_pass=corrupted)
         assert_same(live, (out, grads), rtol=1e-5)
     assert "visual/margins" in out.metrics
-
-
-def test_module_keeps_its_reference_frozen_and_in_eval_mode():
-    seed = draw_seed()
-    module = FiReMPOModule(tiny_model(FAMILY, seed=seed), FiReMPOLoss(), tiny_model(FAMILY, seed=seed + 1))
-    module.train()
-    assert module.policy.training and not module.reference.training
-    assert not any(p.requires_grad for p in module.reference.parameters())
-    batch = PreferenceCollator(0)(examples(2, seed))
-    with pytest.raises(ValueError, match="`precomputed` reference but the module's reference is 'model'"):
-        module(batch, precomputed=object())
 
 
 def test_bad_arguments_are_named():
@@ -146,14 +125,12 @@ def test_bad_arguments_are_named():
         compute_firempo_loss(policy, ADAPTERS_DISABLED, batch, FiReMPOLoss())
     with pytest.raises(TypeError, match="`batch` must be a PreferenceBatch"):
         compute_firempo_loss(policy, policy, dataclasses.asdict(batch), FiReMPOLoss())
-    with pytest.raises(TypeError, match="`reference` must be"):
+    with pytest.raises(ValueError, match="the only string accepted is 'adapters_disabled'"):
         compute_firempo_loss(policy, "policy", batch, FiReMPOLoss())
-    with pytest.raises(ValueError, match="`reference_head` goes with a PrecomputedReference"):
+    with pytest.raises(TypeError, match="`reference` must be"):
+        compute_firempo_loss(policy, 3, batch, FiReMPOLoss())
+    with pytest.raises(ValueError, match="`head` goes with a PrecomputedReference"):
         compute_firempo_loss(policy, tiny_model(FAMILY), batch, FiReMPOLoss(), reference_head=(None, None))
-    with pytest.raises(ValueError, match="policy object itself"):
-        FiReMPOModule(policy, FiReMPOLoss(), policy)
-    with pytest.raises(TypeError, match="needs a peft policy"):
-        FiReMPOModule(policy, FiReMPOLoss(), ADAPTERS_DISABLED)
 
 
 def test_store_refuses_a_loss_it_cannot_serve(tmp_path):
@@ -177,62 +154,22 @@ def test_store_refuses_a_loss_it_cannot_serve(tmp_path):
         PrecomputedReferenceStore(tmp_path / "missing")
 
 
-def test_cosine_schedule_warms_up_then_decays_to_the_floor():
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched = cosine_schedule(opt, total_steps=10, warmup_steps=2, min_lr_ratio=0.1)
-    lrs = []
-    for _ in range(10):
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
-    expected = [2.0 / 3, 4.0 / 3] + [2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 8))) for k in range(8)]
-    assert lrs == pytest.approx(expected, rel=1e-12)
-    with pytest.raises(ValueError, match="warmup_steps"):
-        cosine_schedule(opt, total_steps=3, warmup_steps=4)
-
-
-def test_deepspeed_config_auto_fields_come_from_the_run():
-    cfg = TrainerConfig(learning_rate=5e-7, micro_batch_size=2, gradient_accumulation_steps=4, max_grad_norm=0.5)
-    for name in ("zero3", "zero3_offload"):
-        ds = build_deepspeed_config(load_deepspeed_config(name), cfg, world_size=8, bf16=True)
-        assert ds["train_batch_size"] == 64 and ds["train_micro_batch_size_per_gpu"] == 2
-        assert ds["gradient_accumulation_steps"] == 4 and ds["gradient_clipping"] == 0.5
-        assert ds["bf16"]["enabled"] is True and ds["optimizer"]["params"]["lr"] == 5e-7
-        assert ds["zero_optimization"]["stage"] == 3
-        assert "auto" not in str(ds)
-    explicit = load_deepspeed_config("zero3")
-    explicit["gradient_accumulation_steps"] = 2
-    with pytest.raises(ValueError, match="`gradient_accumulation_steps` = 2 but the run asks for 4"):
-        build_deepspeed_config(explicit, cfg, world_size=1, bf16=False)
-    with pytest.raises(FileNotFoundError, match="zero2"):
-        load_deepspeed_config("zero2")
-
-
-def test_trainer_config_checks_its_fields():
-    assert TrainerConfig().learning_rate == 1e-6 and TrainerConfig().epochs == 1  # the paper's defaults
-    with pytest.raises(ValueError, match="`micro_batch_size` must be an int >= 1; got 0"):
-        TrainerConfig(micro_batch_size=0)
-    with pytest.raises(ValueError, match="`warmup_ratio` must lie in"):
-        TrainerConfig(warmup_ratio=1.5)
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lr'\]"):
-        TrainerConfig.from_dict({"lr": 1e-6})
-
-
 def test_transformers_trainer_recipe_trains_on_the_window_mean(tmp_path):
-    """The README recipe: the Trainer's model is the FiReMPOModule (so under ZeRO-3 the head is read inside
-    the wrapped forward), batches travel in a dict, compute_loss calls the module."""
+    """A plain ``transformers.Trainer`` whose compute_loss calls compute_firempo_loss: batches travel in a dict;
+    the head is read inside the model's forward, so the same code runs under ZeRO-3."""
     import transformers
 
     seed = draw_seed()
-    module = FiReMPOModule(tiny_model(FAMILY, seed=seed), FiReMPOLoss(**HP), tiny_model(FAMILY, seed=seed + 1))
+    policy, reference = tiny_model(FAMILY, seed=seed), tiny_model(FAMILY, seed=seed + 1)
+    loss_fn = FiReMPOLoss(**HP)
     data = examples(4, seed)
     collate = PreferenceCollator(0)
     with torch.no_grad():
-        expected = module.train()(collate(data)).loss.item()
+        expected = compute_firempo_loss(policy.train(), reference, collate(data), loss_fn).loss.item()
 
     class FiReMPOHFTrainer(transformers.Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = model(inputs["batch"])
+            out = compute_firempo_loss(model, reference, inputs["batch"], loss_fn)
             return (out.loss, out.metrics) if return_outputs else out.loss
 
     args = transformers.TrainingArguments(
@@ -240,7 +177,7 @@ def test_transformers_trainer_recipe_trains_on_the_window_mean(tmp_path):
         learning_rate=1e-4, remove_unused_columns=False, report_to=[], use_cpu=True, save_strategy="no",
         seed=seed,
     )
-    trainer = FiReMPOHFTrainer(model=module, args=args, train_dataset=data,
+    trainer = FiReMPOHFTrainer(model=policy, args=args, train_dataset=data,
                                data_collator=lambda batch: {"batch": collate(batch)})
     result = trainer.train()
     # Two equal micro-batches, each a mean, divided by the accumulation steps: the mean of all four.

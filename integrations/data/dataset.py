@@ -75,10 +75,16 @@ class PromptEncoder:
 
     def __call__(self, question: str, image: Any = None) -> tuple[list[int], dict[str, torch.Tensor]]:
         """Returns ``(prompt ids, vision inputs)``; vision inputs have a leading dim over images/patches."""
-        text = self.text(question)
+        return self.encode_text(self.text(question), image)
+
+    def encode_text(
+        self, text: str, image: Any = None, *, add_special_tokens: bool = True
+    ) -> tuple[list[int], dict[str, torch.Tensor]]:
+        """``(prompt ids, vision inputs)`` of an already formatted prompt ``text`` (image placeholders in it).
+        ``add_special_tokens=False`` for text a chat template rendered (it holds its special tokens already)."""
         if not self.multimodal or image is None:
-            return list(self.tokenizer(text)["input_ids"]), {}
-        enc = self.processor(text=[text], images=[image], return_tensors="pt")
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]), {}
+        enc = self.processor(text=[text], images=[image], return_tensors="pt", add_special_tokens=add_special_tokens)
         ids = enc["input_ids"][0].tolist()
         vision = {k: v for k, v in enc.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
         return ids, vision

@@ -1,0 +1,168 @@
+"""FiReMPOTrainer on TRL's DPOTrainer, one process: the DPO preset equals TRL's own sigmoid DPO, FiRe-MPO trains
+with each reference (LoRA adapters disabled, a frozen model, a precomputed store) and logs every metric, and each
+registered vision-language family trains with images and corrupted images (the ZeRO-3 runs are in
+test_trainer_distributed.py)."""
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from PIL import Image
+
+from firempo_kernels.integrations.smoke import tiny_model, tiny_processor
+from firempo_kernels.integrations.trl import FiReMPOConfig, FiReMPOTrainer
+
+peft = pytest.importorskip("peft")
+trl = pytest.importorskip("trl")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+OUR_METRICS = ("kl/forward", "kl/reverse", "loss/rank", "loss/visual", "loss/kl", "visual/margins", "span_tokens")
+TRL_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+               "logps/rejected")
+
+
+def config(tmp_path, **kwargs):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-2,
+                logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, bf16=False,
+                gradient_checkpointing=False, seed=0, beta=0.5, max_length=None)
+    return {**base, **kwargs}
+
+
+def image(seed, size=16):
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size, size, 3), generator=gen, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy(), "RGB")
+
+
+TEXT_ROWS = [
+    dict(prompt="where is the lesion", chosen=" the lesion is in the <mask>left</mask> lung",
+         rejected=" the lesion is in the <mask>right</mask> lung"),
+    dict(prompt="is a mass present", chosen=" <mask>yes</mask> a small mass", rejected=" <mask>no</mask> mass"),
+    dict(prompt="what is in the heart", chosen=" a <mask>large</mask> mass", rejected=" a <mask>small</mask> mass"),
+    dict(prompt="is the lesion large", chosen=" <mask>no</mask> the lesion is small",
+         rejected=" <mask>yes</mask> the lesion is large"),
+]
+
+
+def vision_dataset(n=4, every_corrupted=2):
+    rows = []
+    for i in range(n):
+        row = dict(TEXT_ROWS[i % len(TEXT_ROWS)], id=f"ex{i}", images=[image(i)])
+        row["corrupted_images"] = [image(100 + i)] if i % every_corrupted == 0 else []
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+def untagged(rows):
+    return [{k: v.replace("<mask>", "").replace("</mask>", "") for k, v in row.items()} for row in rows]
+
+
+def step_rows(history):
+    return [row for row in history if "loss" in row and "train_loss" not in row]
+
+
+def test_dpo_preset_equals_trls_sigmoid_dpo(tmp_path):
+    """Same tiny model, data and seed: per-step loss and rewards/* of our DPO preset = TRL's own, over 4 steps."""
+    tok = tiny_processor("llama")
+    data = Dataset.from_list(untagged(TEXT_ROWS) * 2)
+
+    def run(trainer_cls, config_cls, **extra):
+        args = config_cls(**config(tmp_path, max_steps=4, **extra))
+        trainer = trainer_cls(tiny_model("llama", seed=1), ref_model=tiny_model("llama", seed=2), args=args,
+                              train_dataset=data, processing_class=tok)
+        trainer.train()
+        return step_rows(trainer.state.log_history)
+
+    theirs = run(trl.DPOTrainer, trl.DPOConfig, loss_type=["sigmoid"])
+    ours = run(FiReMPOTrainer, FiReMPOConfig, preset="dpo")
+    assert len(theirs) == len(ours) == 4
+    # Rewards are beta x (sum of ~10 log-probs of ~-2 minus the reference's): each side's fp32 sums round at ~1e-6
+    # absolute, TRL's as much as ours, so everything is held to 1e-5 relative or 1e-5 absolute near zero.
+    for mine, reference in zip(ours, theirs):
+        for name in ("loss", *TRL_METRICS):
+            assert mine[name] == pytest.approx(reference[name], rel=1e-5, abs=1e-5), name
+
+
+@pytest.mark.parametrize("mode", ["lora", "model"])
+def test_firempo_trains_and_logs_every_metric(tmp_path, mode):
+    family = "qwen2_5_vl"
+    extra = {}
+    if mode == "lora":
+        extra["peft_config"] = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    else:
+        extra["ref_model"] = tiny_model(family, seed=3)
+    trainer = FiReMPOTrainer(tiny_model(family, seed=1), args=FiReMPOConfig(**config(tmp_path)),
+                             train_dataset=vision_dataset(), processing_class=tiny_processor(family), **extra)
+    assert trainer.reference.mode == ("adapters_disabled" if mode == "lora" else "model")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    rows = step_rows(trainer.state.log_history)
+    assert len(rows) == 2
+    for row in rows:
+        missing = [m for m in (*OUR_METRICS, *TRL_METRICS) if m not in row]
+        assert not missing, missing
+        assert all(torch.isfinite(torch.tensor(row[m])) for m in (*OUR_METRICS, *TRL_METRICS))
+    moved = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert moved
+    if mode == "lora":
+        assert all("lora_" in n for n in moved)
+
+
+def test_precomputed_reference_equals_live(tmp_path):
+    """The store is built before training (TRL's precompute hook) and then replaces the reference forward."""
+    family = "qwen2_5_vl"
+    processor = tiny_processor(family)
+
+    def run(**extra):
+        lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)
+        trainer = FiReMPOTrainer(tiny_model(family, seed=1), args=FiReMPOConfig(**config(tmp_path, **extra)),
+                                 train_dataset=vision_dataset(), processing_class=processor, peft_config=lora)
+        trainer.train()
+        return trainer, step_rows(trainer.state.log_history)
+
+    _, live = run()
+    trainer, stored = run(reference_mode="precomputed", precomputed_reference_dir=str(tmp_path / "store"))
+    assert trainer.reference.mode == "precomputed" and (tmp_path / "store" / "index.json").is_file()
+    for a, b in zip(live, stored):
+        for name in ("loss", *OUR_METRICS, *TRL_METRICS):
+            assert b[name] == pytest.approx(a[name], rel=1e-6, abs=1e-7), name
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_each_vision_family_trains_with_corrupted_images(tmp_path, family):
+    trainer = FiReMPOTrainer(tiny_model(family, seed=1), args=FiReMPOConfig(**config(tmp_path)),
+                             train_dataset=vision_dataset(), processing_class=tiny_processor(family))
+    trainer.train()
+    rows = step_rows(trainer.state.log_history)
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all("visual/margins" in r and r["span_tokens"] > 0 for r in rows)
+
+
+def test_config_fields_are_checked():
+    def make(**kwargs):
+        return FiReMPOConfig(output_dir="x", use_cpu=True, bf16=False, report_to="none", **kwargs)
+
+    with pytest.raises(ValueError, match="`preset` must be one of"):
+        make(preset="ppo")
+    with pytest.raises(ValueError, match="FiReMPOConfig: `lambda_` must lie in"):
+        make(lambda_=2.0)
+    with pytest.raises(ValueError, match="`reference_mode` must be one of"):
+        make(reference_mode="frozen")
+    with pytest.raises(ValueError, match="`loss_type` must be"):
+        make(loss_type=["ipo"])
+    with pytest.raises(ValueError, match="contradicts reference_mode='model'"):
+        make(reference_mode="model", precompute_ref_log_probs=True)
+    rrpo = make(preset="rrpo")
+    assert (rrpo.alpha, rrpo.gamma, rrpo.lambda_) == (0.01, 0.0, 1.0)
+    assert make(preset="rrpo", gamma=0.3).gamma == 0.3
+    assert make(precompute_ref_log_probs=True).reference_mode == "precomputed"
+
+
+def test_untagged_rows_are_refused_outside_the_dpo_preset(tmp_path):
+    with pytest.raises(ValueError, match=r"2 bad row\(s\) in train_dataset[\s\S]*preset='dpo'"):
+        FiReMPOTrainer(tiny_model("llama", seed=1), ref_model=tiny_model("llama", seed=2),
+                       args=FiReMPOConfig(**config(tmp_path)), processing_class=tiny_processor("llama"),
+                       train_dataset=Dataset.from_list(TEXT_ROWS[:2] + untagged(TEXT_ROWS[2:])))
