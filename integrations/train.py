@@ -242,19 +242,23 @@ def build_trainer(run: RunConfig, *, log=print, precompute: bool = False):
     return trainer
 
 
-def _single_process_group() -> None:
+def _single_process_group() -> list[str]:
     """Run directly (no launcher), DeepSpeed still needs a process group: a one-rank one on a free local port
-    (it would otherwise try MPI discovery)."""
+    (it would otherwise try MPI discovery). Returns the environment keys it set, for the caller to remove."""
     import socket
 
     if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
-        return
+        return []
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    added = []
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(port))):
-        os.environ.setdefault(key, value)
+        if key not in os.environ:
+            os.environ[key] = value
+            added.append(key)
+    return added
 
 
 def _resume_argument(run: RunConfig, log) -> str | bool | None:
@@ -290,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = int(os.environ.get("RANK", "0"))
+    added_env: list[str] = []
 
     def log(message: str) -> None:
         if rank == 0:
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run_config(args.config, args.overrides)
         if run.deepspeed is not None:
-            _single_process_group()
+            added_env = _single_process_group()
             import deepspeed
 
             # Before any model is built: under ZeRO-3 transformers builds models inside deepspeed.zero.Init,
@@ -330,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+        for key in added_env:  # an in-process caller gets its environment back
+            os.environ.pop(key, None)
 
 
 if __name__ == "__main__":

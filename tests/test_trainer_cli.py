@@ -25,7 +25,7 @@ def run_cli(args, expect=0):
     env["TQDM_DISABLE"] = "1"
     env["OMP_NUM_THREADS"] = "1"  # tiny matrices: a second thread only adds contention on a busy 2-core runner
     proc = subprocess.run([sys.executable, "-m", "firempo_kernels.integrations.train", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == expect, f"firempo-train {' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-6000:]}"
     return proc.stderr
 
