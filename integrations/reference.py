@@ -114,9 +114,6 @@ class Reference:
         the policy's own head (which the loss then shares)."""
         raise NotImplementedError
 
-    def setup(self, policy: nn.Module) -> None:
-        """Called once before training, outside any forward (copies a partitioned head while it can)."""
-
 
 class FrozenModelReference(Reference):
     """A separate reference model, frozen and in eval mode (same tokenizer and vocabulary as the policy).
@@ -137,9 +134,6 @@ class FrozenModelReference(Reference):
     def hidden_states(self, policy, batch, corrupted):
         with torch.no_grad(), _eval_mode(self.model):
             return call_with_request(self.model, HiddenStatesRequest(batch, corrupted))
-
-    def setup(self, policy: nn.Module) -> None:
-        self.head(policy)
 
     def head(self, policy: nn.Module) -> Head:
         if self._head is None:
@@ -184,9 +178,6 @@ class AdaptersDisabledReference(Reference):
     def hidden_states(self, policy, batch, corrupted):
         with torch.no_grad(), _eval_mode(policy), self.reference_weights(policy):
             return call_with_request(policy, HiddenStatesRequest(batch, corrupted))
-
-    def setup(self, policy: nn.Module) -> None:
-        self.head(policy)
 
     def head(self, policy: nn.Module) -> Head | None:
         if not self._head_known:
@@ -236,9 +227,6 @@ class PrecomputedStoreReference(Reference):
             if weight.device != device or (dtype is not None and weight.dtype != dtype):
                 self._head = (weight.to(device, dtype), None if bias is None else bias.to(device, dtype))
         return self._head
-
-    def setup(self, policy: nn.Module) -> None:
-        self.head(policy)
 
 
 def _compute_dtype(policy: nn.Module) -> torch.dtype | None:

@@ -243,6 +243,16 @@ class FiReMPOCollator:
                                    response.offsets)
         return encode_response(self.tokenizer, text, where=where, boundary=self.boundary)
 
+    def check_tags(self, row: Mapping[str, Any], where: str) -> None:
+        """Outside the DPO preset, a row needs a tagged phrase in at least one response."""
+        if not self.weight_every_token and not any(
+            TAG_OPEN in _text(row[k], f"{where} `{k}`") for k in ("chosen", "rejected")
+        ):
+            raise ValueError(
+                f"{where}: neither response has a <mask>...</mask> tag, so FiRe-MPO has no span to reward; tag "
+                "the edited phrases or use preset='dpo' (every response token weighted)"
+            )
+
     def encode(self, row: Mapping[str, Any]) -> PreferenceExample:
         """One row as a :class:`PreferenceExample`; errors name the row's id."""
         rid = example_id(row)
@@ -250,13 +260,7 @@ class FiReMPOCollator:
         for key in ("prompt", "chosen", "rejected"):
             if key not in row:
                 raise ValueError(f"{where}: missing column `{key}` (TRL preference format: prompt, chosen, rejected)")
-        if not self.weight_every_token:
-            tagged = [k for k in ("chosen", "rejected") if TAG_OPEN in _text(row[k], f"{where} `{k}`")]
-            if not tagged:
-                raise ValueError(
-                    f"{where}: neither response has a <mask>...</mask> tag, so FiRe-MPO has no span to reward; tag "
-                    "the edited phrases or use preset='dpo' (every response token weighted)"
-                )
+        self.check_tags(row, where)
         images = list(row.get("images") or ([row["image"]] if row.get("image") is not None else []))
         corrupted = list(row.get("corrupted_images") or [])
         if len(images) > 1 or len(corrupted) > 1:
@@ -537,12 +541,7 @@ def _check_rows(dataset: Any, collator: FiReMPOCollator, name: str) -> None:
             problems.append(f"row {index}: id {rid!r} repeats row {seen[rid]} (ids key the reference and errors)")
         seen.setdefault(rid, index)
         try:
-            if not collator.weight_every_token and not any(
-                TAG_OPEN in _text(row[k], k) for k in ("chosen", "rejected")
-            ):
-                raise ValueError(
-                    "neither response has a <mask>...</mask> tag; tag the edited phrases or use preset='dpo'"
-                )
+            collator.check_tags(row, "row")
             for side in ("chosen", "rejected"):
                 collator._response(row[side], f"`{side}`")
         except (TagError, SpanAlignmentError, ValueError, TypeError, KeyError) as e:
