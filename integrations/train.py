@@ -242,23 +242,19 @@ def build_trainer(run: RunConfig, *, log=print, precompute: bool = False):
     return trainer
 
 
-def _single_process_group() -> list[str]:
+def _single_process_group() -> None:
     """Run directly (no launcher), DeepSpeed still needs a process group: a one-rank one on a free local port
-    (it would otherwise try MPI discovery). Returns the environment keys it set, for the caller to remove."""
+    (it would otherwise try MPI discovery)."""
     import socket
 
     if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
-        return []
+        return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    added = []
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(port))):
-        if key not in os.environ:
-            os.environ[key] = value
-            added.append(key)
-    return added
+        os.environ.setdefault(key, value)
 
 
 def _resume_argument(run: RunConfig, log) -> str | bool | None:
@@ -294,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = int(os.environ.get("RANK", "0"))
-    added_env: list[str] = []
+    # transformers and accelerate record DeepSpeed in the environment (ACCELERATE_USE_DEEPSPEED, ...) and so
+    # does the one-rank group below: an in-process caller gets its environment back as it was.
+    environment = dict(os.environ)
 
     def log(message: str) -> None:
         if rank == 0:
@@ -303,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_run_config(args.config, args.overrides)
         if run.deepspeed is not None:
-            added_env = _single_process_group()
+            _single_process_group()
             import deepspeed
 
             # Before any model is built: under ZeRO-3 transformers builds models inside deepspeed.zero.Init,
@@ -335,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         if torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-        for key in added_env:  # an in-process caller gets its environment back
-            os.environ.pop(key, None)
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 if __name__ == "__main__":
