@@ -78,8 +78,8 @@ class HiddenStatesRequest:
     batch: PreferenceBatch
     corrupted: bool
 
-    def run(self, model: nn.Module) -> torch.Tensor:
-        return block_hidden_states(get_adapter(model), model, self.batch, self.corrupted)
+    def run(self, model: nn.Module, adapter: ModelAdapter) -> torch.Tensor:
+        return block_hidden_states(adapter, model, self.batch, self.corrupted)
 
 
 @dataclasses.dataclass
@@ -102,8 +102,7 @@ class LossRequest:
     corrupted: bool
     num_examples_in_batch: int | torch.Tensor | None = None
 
-    def run(self, model: nn.Module) -> FiReMPOOutput:
-        adapter = get_adapter(model)
+    def run(self, model: nn.Module, adapter: ModelAdapter) -> FiReMPOOutput:
         hidden = block_hidden_states(adapter, model, self.batch, self.corrupted)
         labels, span_weights, has_corrupted = block_targets(self.batch, self.corrupted)
         weight, bias = adapter.head(model)
@@ -121,13 +120,16 @@ _PATCHED = "_firempo_original_forward"
 
 def add_firempo_forward(model: nn.Module) -> nn.Module:
     """Patch ``model.forward`` (a Hugging Face model; wrappers are seen through) so that
-    ``model(firempo=request)`` runs ``request.run(model)`` inside the forward; idempotent; returns ``model``.
+    ``model(firempo=request)`` runs ``request.run(model, adapter)`` inside the forward; idempotent; returns
+    ``model``.
 
     Without ``firempo=`` the forward is the original one, so generation and every other use are unchanged.
+    The adapter (whose checks read the config and the head) is resolved here, once, not on every step.
     """
     base = unwrap_model(model)
     if getattr(base, _PATCHED, None) is not None:
         return model
+    adapter = get_adapter(base)
     original = base.forward
 
     @functools.wraps(type(base).forward)
@@ -141,7 +143,7 @@ def add_firempo_forward(model: nn.Module) -> nn.Module:
                 f"{type(self).__name__}.forward(firempo=...) takes no other input; got "
                 f"{len(args)} positional and {stray}"
             )
-        return firempo.run(self)
+        return firempo.run(self, adapter)
 
     base.forward = types.MethodType(forward, base)
     setattr(base, _PATCHED, original)

@@ -9,6 +9,8 @@ any machine before a real model is involved.
 
 from __future__ import annotations
 
+import contextlib
+
 import re
 from typing import Any
 
@@ -106,8 +108,15 @@ def tiny_model(
     **config_kwargs,
 ) -> nn.Module:
     """A randomly initialised model of ``family`` (reproducible from ``seed``), in eval mode; ``config_kwargs``
-    go to :func:`tiny_config`."""
+    go to :func:`tiny_config`.
+
+    The model is built whole even under a ZeRO-3 training config (transformers would otherwise build its
+    sub-models inside ``deepspeed.zero.Init`` and initialise them on rank 0 only, with another random stream):
+    so every rank, and every launch of any size, starts from the same weights; DeepSpeed partitions them
+    when its engine starts.
+    """
     import transformers
+    from transformers import modeling_utils
 
     config = tiny_config(family, **config_kwargs)
     model_cls = {
@@ -118,7 +127,9 @@ def tiny_model(
         "qwen3_vl": getattr(transformers, "Qwen3VLForConditionalGeneration", None),
     }[family]
     config._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
+    # transformers' own marker for "zero.Init is already active": its sub-model builders then skip theirs.
+    whole = getattr(modeling_utils, "set_zero3_state", contextlib.nullcontext)
+    with torch.random.fork_rng(devices=[]), whole():
         torch.manual_seed(seed)
         model = model_cls(config)
     return model.to(dtype).eval()

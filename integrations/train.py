@@ -35,7 +35,10 @@ import torch
 
 from .run_config import RunConfig, RunConfigError, load_run_config
 
-__all__ = ["main", "build_trainer", "training_arguments", "choose_attn_implementation", "deepspeed_config_path"]
+__all__ = [
+    "main", "build_trainer", "training_arguments", "choose_attn_implementation", "deepspeed_config_path",
+    "head_placement",
+]
 
 _DEFAULT_LORA_TARGETS = (
     r"^(?!.*(?:vision_tower|vision_model|visual|multi_modal_projector|merger)).*"
@@ -208,6 +211,31 @@ def _dataset(run: RunConfig, processor, model_config):
     return dataset
 
 
+def head_placement(model: torch.nn.Module) -> str:
+    """How the output head is held: whole, or partitioned by ZeRO-3 (and then how much of it this rank keeps)."""
+    from .models import get_adapter, unwrap_model
+
+    weight, _ = get_adapter(model).head(unwrap_model(model))
+    if not hasattr(weight, "ds_id"):
+        return "whole on every rank (no ZeRO-3)"
+    if getattr(weight, "ds_persist", False):
+        return "whole on every rank (ZeRO-3 keeps tensors under stage3_param_persistence_threshold)"
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return (f"partitioned by ZeRO-3 over {world} rank(s): this rank holds {weight.ds_tensor.numel()} of "
+            f"{weight.ds_numel} values; gathered inside the policy's forward")
+
+
+def _head_placement_callback(log):
+    from transformers import TrainerCallback
+
+    class HeadPlacement(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is not None:
+                log(f"output head: {head_placement(model)}")
+
+    return HeadPlacement()
+
+
 def build_trainer(run: RunConfig, *, log=print, precompute: bool = False):
     """The :class:`~.trl.FiReMPOTrainer` of a run config (models built, data loaded, nothing trained yet).
     ``precompute``: the reference store is built during construction (TRL's precompute step)."""
@@ -237,7 +265,8 @@ def build_trainer(run: RunConfig, *, log=print, precompute: bool = False):
         boundary=run.data.boundary, pad_to_multiple_of=run.data.pad_to_multiple_of,
     )
     trainer = FiReMPOTrainer(policy, ref_model=ref_model, args=args, data_collator=collator, train_dataset=dataset,
-                             processing_class=processor, peft_config=_lora_config(run))
+                             processing_class=processor, peft_config=_lora_config(run),
+                             callbacks=[_head_placement_callback(log)])
     log(f"reference: {trainer.reference.mode}; loss: {trainer.loss_fn!r}")
     return trainer
 
@@ -298,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"[firempo] {message}", file=sys.stderr, flush=True)
 
+    finished = False
     try:
         run = load_run_config(args.config, args.overrides)
         if run.deepspeed is not None:
@@ -319,19 +349,22 @@ def main(argv: list[str] | None = None) -> int:
             if trainer.is_world_process_zero():
                 trainer.processing_class.save_pretrained(str(final))
         log(f"done: {result.global_step} steps; logged rows in {Path(run.training.output_dir) / 'trainer_state.json'}")
+        finished = True
         return 0
     except (RunConfigError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
         if args.debug:
             raise
-        if rank == 0:
-            print(f"firempo-train: error: {e}\n(run with --debug for the traceback)", file=sys.stderr, flush=True)
+        # Every rank that fails says so: an error on one rank only (its data shard, its device) must not be lost.
+        where = f" (rank {rank})" if rank else ""
+        print(f"firempo-train: error{where}: {e}\n(run with --debug for the traceback)", file=sys.stderr, flush=True)
         return 2
     finally:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
         unset_hf_deepspeed_config()  # models built later in this process are plain ones again
         if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+            if finished:  # after a failure the other ranks may be inside a collective: no barrier, just leave
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environment)
