@@ -44,13 +44,25 @@ def check_same_device(fn: str, named: dict[str, torch.Tensor | None]) -> torch.d
     return first
 
 
-def check_positive_finite(fn: str, name: str, value) -> float:
+# Outside these bounds the scaled logits or the loss terms overflow float32 for ordinary inputs (1 / 1e-38
+# is already 1e38; beta = 1e308 turns a reward margin into inf - inf), so they are refused rather than
+# left to come out as inf or NaN. Every setting anyone trains with lies far inside.
+TEMPERATURE_RANGE = (1e-6, 1e6)
+MAX_LOSS_WEIGHT = 1e6
+
+
+def check_in_range(fn: str, name: str, value, low: float, high: float) -> float:
+    """``value`` as a float in ``[low, high]`` (a TypeError for non-numbers, a ValueError naming the range)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{fn}: `{name}` must be a float; got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0.0:
-        raise ValueError(f"{fn}: `{name}` must be finite and > 0; got {value}")
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(f"{fn}: `{name}` must lie in [{low:g}, {high:g}]; got {value}")
     return value
+
+
+def check_temperature(fn: str, temperature) -> float:
+    return check_in_range(fn, "temperature", temperature, *TEMPERATURE_RANGE)
 
 
 def check_targets(fn: str, name: str, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -12,7 +12,6 @@ logits) only at the (v, y+) tokens. Per-row weighted sums come from one ``index_
 the sum of per-token differences, so that long rows lose nothing to the sums (docs/design.md section 5).
 """
 
-import math
 from dataclasses import asdict, dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -73,27 +72,21 @@ class _Hyperparameters:
 
     @classmethod
     def validated(cls, fn: str, beta, alpha, gamma, lambda_, visual_pairing, temperature, ignore_index):
-        def non_negative(name, value):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{fn}: `{name}` must be a float; got {type(value).__name__}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{fn}: `{name}` must be finite and >= 0; got {value}")
-            return float(value)
+        def weight(name, value):
+            return v.check_in_range(fn, name, value, 0.0, v.MAX_LOSS_WEIGHT)
 
-        lambda_ = non_negative("lambda_", lambda_)
-        if lambda_ > 1:
-            raise ValueError(f"{fn}: `lambda_` must lie in [0, 1]; got {lambda_}")
+        lambda_ = v.check_in_range(fn, "lambda_", lambda_, 0.0, 1.0)
         if visual_pairing not in VISUAL_PAIRINGS:
             raise ValueError(f"{fn}: `visual_pairing` must be one of {VISUAL_PAIRINGS}; got {visual_pairing!r}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"{fn}: `ignore_index` must be an int; got {type(ignore_index).__name__}")
         return cls(
-            beta=v.check_positive_finite(fn, "beta", beta),
-            alpha=non_negative("alpha", alpha),
-            gamma=non_negative("gamma", gamma),
+            beta=_check_beta(fn, beta),
+            alpha=weight("alpha", alpha),
+            gamma=weight("gamma", gamma),
             lambda_=lambda_,
             visual_pairing=visual_pairing,
-            temperature=v.check_positive_finite(fn, "temperature", temperature),
+            temperature=v.check_temperature(fn, temperature),
             ignore_index=ignore_index,
         )
 
@@ -108,6 +101,13 @@ class _Hyperparameters:
         return self.alpha > 0
 
 
+def _check_beta(fn: str, beta) -> float:
+    beta = v.check_in_range(fn, "beta", beta, 0.0, v.MAX_LOSS_WEIGHT)
+    if beta == 0.0:
+        raise ValueError(f"{fn}: `beta` must be > 0 (it scales every reward); got 0.0")
+    return beta
+
+
 def _check_num_examples(fn: str, num_examples_in_batch) -> None:
     if num_examples_in_batch is None:
         return
@@ -117,6 +117,11 @@ def _check_num_examples(fn: str, num_examples_in_batch) -> None:
                 f"{fn}: `num_examples_in_batch` as a tensor must be a 0-dim number; got shape "
                 f"{tuple(num_examples_in_batch.shape)}, dtype {num_examples_in_batch.dtype}"
             )
+        # One host read per step (a trainer's token count is a device scalar): 0 or a negative count would
+        # otherwise come out as an inf or a sign-flipped loss.
+        count = num_examples_in_batch.item()
+        if not count >= 1:
+            raise ValueError(f"{fn}: `num_examples_in_batch` must be >= 1; got a tensor holding {count}")
         return
     if isinstance(num_examples_in_batch, bool) or not isinstance(num_examples_in_batch, int):
         raise TypeError(

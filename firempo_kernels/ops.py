@@ -230,7 +230,7 @@ def _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, te
         "hidden": hidden, "weight": weight, "bias": bias, "ref_hidden": ref_hidden,
         "ref_weight": ref_weight, "ref_bias": ref_bias, "targets": targets,
     })
-    inv_tau = 1.0 / v.check_positive_finite(fn, "temperature", temperature)
+    inv_tau = 1.0 / v.check_temperature(fn, temperature)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{fn}: `ignore_index` must be an int; got {type(ignore_index).__name__}")
     v.check_targets(fn, "targets", targets, weight.shape[0], ignore_index)
@@ -298,7 +298,7 @@ def fused_linear_token_kl(
         ref_weight: [V, d'] reference head (may be ``weight`` itself), the dtype of ``ref_hidden``.
         targets: [...] integer, in [0, V) or ``ignore_index``.
         bias, ref_bias: optional [V].
-        temperature: finite, > 0, applied to both models' logits.
+        temperature: in [1e-6, 1e6], applied to both models' logits.
         ignore_index: positions with this target give 0 everywhere and receive no gradient.
 
     Returns:

@@ -102,8 +102,10 @@ def finalize(stats: torch.Tensor, has_ref: bool) -> TokenOutputs:
     # log-sum-exps are O(|logit|) and almost equal, and subtracting them as rounded fp32 numbers would
     # leave an error larger than the KL itself (the usual state early in training).
     lse_gap = (stats[M_S].to(wide) - stats[M_T].to(wide)) + torch.log(stats[Z_S].to(wide) / stats[Z_T].to(wide))
-    kl_reverse = (expected_diff.to(wide) - lse_gap).to(stats.dtype)
-    kl_forward = ((stats[A_T] / stats[Z_T]).to(wide) + lse_gap).to(stats.dtype)
+    # A KL is never negative; when the models agree to rounding the two terms cancel to +-1 ulp of
+    # log V, so the value is clamped at 0. The backward is analytic and does not read these values.
+    kl_reverse = (expected_diff.to(wide) - lse_gap).clamp_min(0.0).to(stats.dtype)
+    kl_forward = ((stats[A_T] / stats[Z_T]).to(wide) + lse_gap).clamp_min(0.0).to(stats.dtype)
     return TokenOutputs(logp, log_prob(M_T, Z_T, Y_T), kl_forward, kl_reverse, lse, ref_lse, expected_diff)
 
 

@@ -27,6 +27,8 @@ the model adapter, so a batch never carries them. A text-only model has empty vi
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,6 +115,21 @@ class PreferenceExample:
     images: dict[str, torch.Tensor] = field(default_factory=dict)
     corrupted_images: dict[str, torch.Tensor] | None = None
 
+    def content_hash(self) -> str:
+        """A digest of the tokens, labels, span weights and vision inputs (not the id): equal digests, equal
+        examples. It ties a precomputed reference to the content it was computed from."""
+        digest = hashlib.blake2b(digest_size=16)
+        tensors = [self.chosen_input_ids, self.chosen_labels, self.chosen_span_weights, self.rejected_input_ids,
+                   self.rejected_labels, self.rejected_span_weights]
+        for images in (self.images, self.corrupted_images or {}):
+            tensors += [images[k] for k in sorted(images)]
+            digest.update(repr(sorted(images)).encode())
+        for t in tensors:
+            t = t.detach().to("cpu").contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def validate(self, ignore_index: int = -100) -> None:
         """Raise ``TypeError``/``ValueError`` naming the offending field if the example is malformed."""
         where = f"PreferenceExample({self.example_id!r})"
@@ -157,6 +174,8 @@ class PreferenceBatch:
             when no example of the batch has v'.
         has_corrupted_image: [B] bool, or None exactly when ``corrupted_images`` is None.
         example_ids: B ids, in row order.
+        content_hashes: B digests of what each example is (:meth:`PreferenceExample.content_hash`), or None;
+            a precomputed reference checks them against the ones it was built from.
     """
 
     input_ids: torch.Tensor
@@ -167,6 +186,7 @@ class PreferenceBatch:
     corrupted_images: dict[str, torch.Tensor] | None
     has_corrupted_image: torch.Tensor | None
     example_ids: tuple[str, ...]
+    content_hashes: tuple[str, ...] | None = None
 
     @property
     def num_examples(self) -> int:
@@ -191,6 +211,7 @@ class PreferenceBatch:
             corrupted_images=move_all(self.corrupted_images),
             has_corrupted_image=move(self.has_corrupted_image),
             example_ids=self.example_ids,
+            content_hashes=self.content_hashes,
         )
 
     def pin_memory(self) -> PreferenceBatch:
@@ -207,6 +228,7 @@ class PreferenceBatch:
             },
             has_corrupted_image=pin(self.has_corrupted_image),
             example_ids=self.example_ids,
+            content_hashes=self.content_hashes,
         )
 
     def validate(self, ignore_index: int = -100) -> None:
@@ -343,6 +365,7 @@ class PreferenceCollator:
             corrupted_images=corrupted_images,
             has_corrupted_image=has_corrupted,
             example_ids=tuple(ids),
+            content_hashes=tuple(e.content_hash() for e in examples),
         )
 
 

@@ -38,6 +38,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from .cli import atomic_write, run_command
+
+_DEMO_MARKER = ".firempo-demo"
 TRAIN_CURVES = ("loss", "rewards/margins", "rewards/accuracies", "kl/forward", "kl/reverse", "visual/margins")
 REPORT_ROWS = TRAIN_CURVES + ("loss/visual",)
 
@@ -167,7 +170,7 @@ def write_run_config(out: Path, base_dir: Path, pairs: Path, cfg: DemoConfig) ->
         },
     }
     path = out / "run.json"
-    path.write_text(json.dumps(run, indent=2))
+    _write_text(path, json.dumps(run, indent=2))
     return path
 
 
@@ -210,9 +213,12 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def write_metrics(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """The rows as JSON lines, written to a temporary file and renamed, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    return _write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _write_text(path: Path, text: str) -> Path:
+    with atomic_write(path) as f:
+        f.write(text)
     return path
 
 
@@ -239,7 +245,8 @@ def plot_curves(rows: Sequence[dict[str, Any]], png: Path, *, dpi: int = 110) ->
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png, dpi=dpi)
+    with atomic_write(png, "wb") as f:
+        fig.savefig(f, dpi=dpi, format="png")
     plt.close(fig)
     return png
 
@@ -356,9 +363,7 @@ def write_report(out: Path, cfg: DemoConfig, facts: dict[str, Any], rows, base, 
         "corruption, the loss under ZeRO-3, the evaluation), not what the method does for a 7B medical model.",
     ]
     text = "\n\n".join(sections) + "\n"
-    path = out / "report.md"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return _write_text(out / "report.md", text)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,9 +382,12 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
     from .evaluate import ModelScorer, evaluate
 
     started = time.perf_counter()
-    if out.exists():
+    if out.exists() and any(out.iterdir()):
+        if not (out / _DEMO_MARKER).is_file():  # never delete a folder the demo did not write
+            raise ValueError(f"--out {out} is not empty and holds no previous demo run; choose a new or empty folder")
         shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _DEMO_MARKER).write_text("written by python -m firempo_kernels.integrations.demo; rerunning replaces it\n")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     torch.manual_seed(cfg.seed)
 
@@ -429,8 +437,8 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
     trained, _ = load_model(str(final))
     trained_report = evaluate(heldout, ModelScorer(trained, processor))
     eval_path = out / "eval.json"
-    eval_path.write_text(json.dumps({"base": base_report.to_json(), "trained": trained_report.to_json(),
-                                     "config": asdict(cfg)}, indent=2))
+    _write_text(eval_path, json.dumps({"base": base_report.to_json(), "trained": trained_report.to_json(),
+                                       "config": asdict(cfg)}, indent=2))
     _say(f"trained model: closed accuracy {100 * trained_report.accuracy:.1f}%, visual sensitivity "
          f"{trained_report.sensitivity:+.3f} nats; wrote both evaluations to {eval_path}")
 
@@ -448,12 +456,17 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m firempo_kernels.integrations.demo`` (``make demo``)."""
     ap = argparse.ArgumentParser(prog="python -m firempo_kernels.integrations.demo", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/demo", help="output folder (emptied first)")
+    ap.add_argument("--out", default="runs/demo", help="output folder (a previous demo run there is replaced)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the path in about a minute")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
-    report = run_demo(Path(args.out).resolve(), QUICK if args.quick else DemoConfig())
-    _say(f"report: {report}")
-    return 0
+
+    def body() -> int:
+        report = run_demo(Path(args.out).resolve(), QUICK if args.quick else DemoConfig())
+        _say(f"report: {report}")
+        return 0
+
+    return run_command("demo", body, debug=args.debug)
 
 
 if __name__ == "__main__":

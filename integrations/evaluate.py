@@ -240,8 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                       batch_size=args.batch_size))
     print(comparison_table(reports))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({k: r.to_json() for k, r in reports.items()}, indent=2))
+        from .cli import atomic_write
+
+        with atomic_write(args.out) as f:
+            json.dump({k: r.to_json() for k, r in reports.items()}, f, indent=2)
         print(f"evaluate: wrote the reports to {Path(args.out).resolve()}")
     return 0
 

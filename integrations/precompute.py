@@ -21,6 +21,7 @@ Build it with :func:`precompute_reference` (every rank writes its own shards; ra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -33,13 +34,14 @@ from torch import nn
 from firempo_kernels.precomputed_reference import PrecomputedReference
 
 from .batch import PreferenceBatch
+from .cli import atomic_write
 from .forward import block_targets
 from .models import get_adapter, unwrap_model
 from .reference import AdaptersDisabledReference, Reference, as_reference, is_peft_model, whole_head
 
 __all__ = ["PrecomputedReferenceStore", "ReferenceShardWriter", "precompute_reference", "STORE_FORMAT"]
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: the store records the model it was built from and each example's content hash
 _INDEX = "index.json"
 _HEAD = "reference_head.safetensors"
 
@@ -62,13 +64,15 @@ class ReferenceShardWriter:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.rank, self.shard_bytes = rank, shard_bytes
         self.examples: dict[str, str] = {}
+        self.hashes: dict[str, str] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._pending_bytes = 0
         self._shards = 0
         self.temperature: float | None = None
 
-    def add(self, example_id: str, reference: PrecomputedReference) -> None:
-        """Queue one example's reference (``row_counts`` of shape [k, 1]); a repeated id is ignored."""
+    def add(self, example_id: str, reference: PrecomputedReference, content_hash: str | None = None) -> None:
+        """Queue one example's reference (``row_counts`` of shape [k, 1]) and the digest of the example it was
+        computed from (:meth:`~.batch.PreferenceExample.content_hash`); a repeated id is ignored."""
         if self.temperature is None:
             self.temperature = reference.temperature
         elif reference.temperature != self.temperature:
@@ -82,6 +86,8 @@ class ReferenceShardWriter:
             )
         if example_id in self.examples or _key(example_id, "logps") in self._pending:
             return  # a distributed sampler pads the last batch with repeats
+        if content_hash is not None:
+            self.hashes[example_id] = content_hash
         tensors = {
             _key(example_id, "logps"): reference.logps.detach().to("cpu", torch.float32).contiguous(),
             _key(example_id, "row_counts"): reference.row_counts.detach().to("cpu", torch.int64).contiguous(),
@@ -100,7 +106,9 @@ class ReferenceShardWriter:
         from safetensors.torch import save_file
 
         name = f"reference-r{self.rank:03d}-{self._shards:05d}.safetensors"
-        save_file(self._pending, str(self.directory / name), metadata={"format": str(STORE_FORMAT)})
+        tmp = self.directory / f".{name}.tmp"
+        save_file(self._pending, str(tmp), metadata={"format": str(STORE_FORMAT)})
+        os.replace(tmp, self.directory / name)
         for key in self._pending:
             if key.endswith("/logps"):
                 self.examples[key[: -len("/logps")]] = name
@@ -110,21 +118,66 @@ class ReferenceShardWriter:
     def close(self) -> dict[str, str]:
         """Flush and write this rank's part of the index; returns it (example id -> shard file)."""
         self.flush()
-        with open(self.directory / f"index-r{self.rank:03d}.json", "w", encoding="utf-8") as f:
-            json.dump(self.examples, f)
+        with atomic_write(self.directory / f"index-r{self.rank:03d}.json") as f:
+            json.dump({"examples": self.examples, "hashes": self.hashes}, f)
         return self.examples
 
 
 def _write_index(directory: Path, world_size: int, metadata: dict[str, Any]) -> None:
     examples: dict[str, str] = {}
+    hashes: dict[str, str] = {}
     for rank in range(world_size):
         part = directory / f"index-r{rank:03d}.json"
         with open(part, encoding="utf-8") as f:
-            for example_id, shard in json.load(f).items():
-                examples.setdefault(example_id, shard)
+            content = json.load(f)
+        for example_id, shard in content["examples"].items():
+            examples.setdefault(example_id, shard)
+        for example_id, digest in content["hashes"].items():
+            hashes.setdefault(example_id, digest)
         part.unlink()
-    with open(directory / _INDEX, "w", encoding="utf-8") as f:
-        json.dump({"metadata": {**metadata, "num_examples": len(examples)}, "examples": examples}, f, indent=0)
+    with atomic_write(directory / _INDEX) as f:  # written last: a store without it is rebuilt
+        json.dump({"metadata": {**metadata, "num_examples": len(examples)}, "examples": examples,
+                   "hashes": hashes}, f, indent=0)
+
+
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
+
+
+def _stable_config(value: Any) -> Any:
+    """A config dict without what does not change the reference's numbers (paths, versions, flags)."""
+    if isinstance(value, dict):
+        return {k: _stable_config(v) for k, v in sorted(value.items())
+                if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+    if isinstance(value, (list, tuple)):
+        return [_stable_config(v) for v in value]
+    return value
+
+
+def _tensor_digest(digest: Any, tensor: torch.Tensor | None) -> None:
+    if tensor is None:
+        digest.update(b"none")
+        return
+    t = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
+def reference_fingerprint(model: nn.Module, head: tuple[torch.Tensor, torch.Tensor | None]) -> dict[str, str]:
+    """What a store's reference was computed by: the model class, a digest of its config and one of its
+    (whole) output head's weights. A store is refused for a reference that differs in any of them; the
+    tokenizer and the data are checked per example, through each example's content hash."""
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    config_dict = _stable_config(config.to_dict()) if config is not None else {}
+    head_digest = hashlib.blake2b(digest_size=16)
+    _tensor_digest(head_digest, head[0])
+    _tensor_digest(head_digest, head[1])
+    return {
+        "model_class": type(base).__name__,
+        "config": hashlib.blake2b(json.dumps(config_dict, sort_keys=True, default=str).encode(),
+                                  digest_size=16).hexdigest(),
+        "head": head_digest.hexdigest(),
+    }
 
 
 @torch.no_grad()
@@ -197,8 +250,9 @@ def precompute_reference(
             weight, hidden, labels, span_weights, has_corrupted,
             ref_bias=bias, temperature=temperature, ignore_index=ignore_index, keep_hidden=keep_hidden,
         )
-        for example_id, one in zip(batch.example_ids, ref.unbind()):
-            writer.add(example_id, one)
+        hashes = batch.content_hashes or (None,) * batch.num_examples
+        for example_id, one, digest in zip(batch.example_ids, ref.unbind(), hashes):
+            writer.add(example_id, one, digest)
     writer.close()
     if keep_hidden and rank == 0:
         from safetensors.torch import save_file
@@ -213,7 +267,8 @@ def precompute_reference(
         "format": STORE_FORMAT, "temperature": float(temperature), "ignore_index": int(ignore_index),
         "keep_hidden": bool(keep_hidden), "include_corrupted": bool(include_corrupted),
         "hidden_size": int(weight.shape[1]), "vocab_size": int(weight.shape[0]),
-        "model": type(unwrap_model(model if reference.mode == "adapters_disabled" else reference.model)).__name__,
+        "source": reference_fingerprint(model if reference.mode == "adapters_disabled" else reference.model,
+                                        (weight, bias)),
     }
     if world_size > 1:
         torch.distributed.barrier()
@@ -248,6 +303,7 @@ class PrecomputedReferenceStore:
                 f"{STORE_FORMAT}. Rebuild the store."
             )
         self._shard_of: dict[str, str] = content["examples"]
+        self._hashes: dict[str, str] = content.get("hashes", {})
         self._open: dict[str, Any] = {}
 
     def __len__(self) -> int:
@@ -269,6 +325,20 @@ class PrecomputedReferenceStore:
             raise ValueError(f"{where}: the loss has alpha > 0 (token KL) but the store kept no hidden states")
         if needs_corrupted and not meta["include_corrupted"]:
             raise ValueError(f"{where}: the loss has gamma > 0 (visual term) but the store has no (v', .) blocks")
+
+    def check_source(self, model: nn.Module, head: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        """Raise ``ValueError`` naming what differs if the store was not built by this reference model (its
+        class, its config, its head's weights)."""
+        built = self.metadata.get("source", {})
+        now = reference_fingerprint(model, head)
+        names = {"model_class": "model class", "config": "model config", "head": "output head weights"}
+        differ = [f"{names[k]} ({built.get(k)} when built, {now[k]} now)" for k in now if built.get(k) != now[k]]
+        if differ:
+            raise ValueError(
+                f"PrecomputedReferenceStore({self.directory}): built from another reference model: "
+                f"{'; '.join(differ)}. Rebuild it (remove the folder, or firempo-train --precompute-reference) "
+                "or point reference.precomputed_dir elsewhere"
+            )
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference head ``(weight [V, d'], bias [V] or None)`` on the CPU (stored with the hidden states)."""
@@ -308,6 +378,15 @@ class PrecomputedReferenceStore:
             temperature=self.metadata["temperature"],
         )
 
-    def lookup(self, example_ids: Sequence[str]) -> PrecomputedReference:
-        """The collated reference of a batch, examples in the order of ``example_ids``."""
+    def lookup(self, example_ids: Sequence[str], content_hashes: Sequence[str] | None = None) -> PrecomputedReference:
+        """The collated reference of a batch, examples in the order of ``example_ids``; with
+        ``content_hashes`` each example must be the one the store was computed from."""
+        if content_hashes is not None:
+            changed = [i for i, h in zip(example_ids, content_hashes) if self._hashes.get(i, h) != h]
+            if changed:
+                raise ValueError(
+                    f"PrecomputedReferenceStore({self.directory}): example(s) {changed[:5]} differ from the ones the "
+                    "store was built from (their tokens, span tags or images changed, or the tokenizer did); "
+                    "rebuild the store"
+                )
         return PrecomputedReference.collate([self.get(i) for i in example_ids])

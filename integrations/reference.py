@@ -210,7 +210,7 @@ class PrecomputedStoreReference(Reference):
         self._head_known = head is not None
 
     def hidden_states(self, policy, batch, corrupted):
-        return _placed(self.store.lookup(batch.example_ids), policy, batch, corrupted)
+        return _placed(self.store.lookup(batch.example_ids, batch.content_hashes), policy, batch, corrupted)
 
     def head(self, policy: nn.Module) -> Head | None:
         if not self._head_known:

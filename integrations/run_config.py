@@ -537,6 +537,8 @@ class TrainingSection(_Section):
     save_steps: int | None = _spec(_int_from(1).or_null(), None)  #: checkpoint every n steps (and at the end)
     save_total_limit: int | None = _spec(_int_from(1).or_null(), None)  #: keep only the newest n checkpoints
     resume_from: str | None = _spec(_TEXT.or_null(), None)  #: "latest" or a checkpoint directory
+    #: an output_dir that already holds a run is refused unless resumed, or started over with this set
+    overwrite_output_dir: bool = _spec(_BOOL, False)
     logging_steps: int = _spec(_int_from(1), 1)
     tensorboard: bool | Literal["auto"] = _spec(_TENSORBOARD, "auto")  #: auto: on if tensorboard is installed
     progress_bar: bool = _spec(_BOOL, True)

@@ -33,7 +33,9 @@ from typing import Any
 
 import torch
 
-from .run_config import RunConfig, RunConfigError, load_run_config
+from .cli import check_writable_dir, run_command
+from .run_config import RunConfig, load_run_config
+from .run_dir import check_new_run, record_run, resume_checkpoint
 
 __all__ = [
     "main", "build_trainer", "training_arguments", "choose_attn_implementation", "deepspeed_config_path",
@@ -286,23 +288,6 @@ def _single_process_group() -> None:
         os.environ.setdefault(key, value)
 
 
-def _resume_argument(run: RunConfig, log) -> str | bool | None:
-    where = run.training.resume_from
-    if where is None:
-        return None
-    if where == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(run.training.output_dir) if Path(run.training.output_dir).is_dir() else None
-        if last is None:
-            log(f"resume_from=latest: no checkpoint under {run.training.output_dir}, starting fresh")
-        return last
-    path = run.resolve_path(where)
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"training.resume_from={where!r} is not a checkpoint directory")
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``firempo-train``."""
     parser = argparse.ArgumentParser(
@@ -322,14 +307,21 @@ def main(argv: list[str] | None = None) -> int:
     # transformers and accelerate record DeepSpeed in the environment (ACCELERATE_USE_DEEPSPEED, ...) and so
     # does the one-rank group below: an in-process caller gets its environment back as it was.
     environment = dict(os.environ)
+    finished = False
+    started = False  # past the checks that every rank makes alike (config, output folder, checkpoint)
 
     def log(message: str) -> None:
         if rank == 0:
             print(f"[firempo] {message}", file=sys.stderr, flush=True)
 
-    finished = False
-    try:
+    def body() -> int:
+        nonlocal finished, started
         run = load_run_config(args.config, args.overrides)
+        if not args.precompute_reference:
+            check_writable_dir(run.training.output_dir, "training.output_dir")
+            check_new_run(run, is_main=rank == 0, log=log)
+        resume = None if args.precompute_reference else resume_checkpoint(run, log)
+        started = True
         if run.deepspeed is not None:
             _single_process_group()
             import deepspeed
@@ -340,8 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build_trainer(run, log=log, precompute=args.precompute_reference)
         if args.precompute_reference:
             log(f"precomputed reference written to {trainer.precomputed_reference_dir}")
+            finished = True
             return 0
-        result = trainer.train(resume_from_checkpoint=_resume_argument(run, log))
+        if trainer.is_world_process_zero():
+            record_run(run)
+        result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_state()
         if run.training.save_final_model:
             final = Path(run.training.output_dir) / "final"
@@ -351,13 +346,11 @@ def main(argv: list[str] | None = None) -> int:
         log(f"done: {result.global_step} steps; logged rows in {Path(run.training.output_dir) / 'trainer_state.json'}")
         finished = True
         return 0
-    except (RunConfigError, ValueError, TypeError, FileNotFoundError, ImportError) as e:
-        if args.debug:
-            raise
+
+    try:
         # Every rank that fails says so: an error on one rank only (its data shard, its device) must not be lost.
-        where = f" (rank {rank})" if rank else ""
-        print(f"firempo-train: error{where}: {e}\n(run with --debug for the traceback)", file=sys.stderr, flush=True)
-        return 2
+        return run_command("firempo-train", body, debug=args.debug, where=f" (rank {rank})" if rank else "",
+                           quiet=lambda: rank != 0 and not started)
     finally:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -368,7 +361,6 @@ def main(argv: list[str] | None = None) -> int:
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environment)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -45,7 +45,7 @@ from .batch import PreferenceBatch, PreferenceCollator, PreferenceExample
 from .data.dataset import PromptEncoder, response_row
 from .data.tags import TAG_OPEN, EncodedResponse, SpanAlignmentError, TagError, encode_response
 from .forward import add_firempo_forward, compute_firempo_loss
-from .models import unwrap_model
+from .models import get_adapter, unwrap_model
 from .reference import (
     ADAPTERS_DISABLED,
     AdaptersDisabledReference,
@@ -53,6 +53,7 @@ from .reference import (
     PrecomputedStoreReference,
     Reference,
     is_peft_model,
+    whole_head,
 )
 
 __all__ = ["FiReMPOConfig", "FiReMPOTrainer", "FiReMPOCollator", "REFERENCE_MODES", "PRESETS"]
@@ -444,6 +445,12 @@ class FiReMPOTrainer(DPOTrainer):
                     f"example(s) of the {name} dataset (first: {missing[:3]}); it was built from other data. Remove "
                     "it to rebuild, or set precomputed_reference_dir"
                 )
+            # The model that would have built it must be the one that did (each example's content is checked
+            # when its batch looks the reference up).
+            reference, model = self._live_reference()
+            head = reference.head(model)
+            store.check_source(model if reference.mode == "model" else unwrap_model(model),
+                               whole_head(head if head is not None else get_adapter(model).head(model)))
             return
         reference, model = self._live_reference()
         if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for p in unwrap_model(model).parameters()):

@@ -651,6 +651,9 @@ def test_bad_batches_raise(change, error, match):
     ({"lambda_": -0.5}, ValueError, "lambda_"),
     ({"visual_pairing": "v1"}, ValueError, "visual_pairing"),
     ({"temperature": 0.0}, ValueError, "temperature"),
+    ({"temperature": 1e-38}, ValueError, "temperature"),  # would scale the logits to inf
+    ({"beta": 1e308}, ValueError, r"`beta` must lie in \[0, 1e\+06\]"),  # would give inf - inf = NaN
+    ({"alpha": 1e300}, ValueError, "alpha"),
     ({"ignore_index": -100.0}, TypeError, "ignore_index"),
 ])
 def test_bad_hyperparameters_raise(kwargs, error, match):
@@ -661,7 +664,10 @@ def test_bad_hyperparameters_raise(kwargs, error, match):
         call(firempo_loss, batch, **kwargs)
 
 
-@pytest.mark.parametrize("value, error", [(0, ValueError), (2.0, TypeError), (torch.ones(2), ValueError)])
+@pytest.mark.parametrize("value, error", [
+    (0, ValueError), (2.0, TypeError), (torch.ones(2), ValueError),
+    (torch.tensor(0), ValueError), (torch.tensor(-3), ValueError),  # would give inf / a sign-flipped loss
+])
 def test_bad_num_examples_in_batch_raises(value, error):
     with pytest.raises(error, match="num_examples_in_batch"):
         call(FiReMPOLoss(), make_batch(num_examples=2), num_examples_in_batch=value)

@@ -289,6 +289,20 @@ def test_near_identical_models_kl_as_accurate_as_eager_fp32(backend):
         assert rel_err(out.kl_reverse, ref[3]) <= 2 * rel_err(eager_reverse, ref[3]) + 1e-6
 
 
+def test_kl_is_never_negative_for_models_equal_to_rounding(backend):
+    """The reference is the policy plus noise at the last bits of the hidden states: the true KL is ~1e-12,
+    below the rounding of the two terms it is the difference of, which used to come out as -1e-7."""
+    torch.manual_seed(int(torch.randint(0, 2**20, ())))
+    n, vocab, d = 64, 3000, 32
+    h = torch.randn(n, d)
+    w = torch.randn(vocab, d) * 30 / d**0.5
+    y = torch.randint(0, vocab, (n,))
+    rh = h * (1 + 2e-7 * torch.randn(n, d))
+    out = fk.fused_linear_token_kl(h, w, rh, w, y)
+    assert (out.kl_forward >= 0).all() and (out.kl_reverse >= 0).all()
+    assert out.kl_forward.max() < 1e-5 and out.kl_reverse.max() < 1e-5
+
+
 def test_statistics_layout_is_shared():
     from firempo_kernels import csrc_triton, token_stats
 

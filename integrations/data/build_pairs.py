@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from ..cli import check_writable_file, run_command
 from ._progress import progress
 from .dataset import PromptEncoder, load_image
 from .diff import tag_differences
@@ -169,6 +170,11 @@ def load_model(path: str, device: str = "cpu"):
     """``(model, processor)`` from a local Hugging Face folder, nothing downloaded."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
+    if not Path(path).is_dir():
+        raise FileNotFoundError(
+            f"--model: no model folder at {path} (a local Hugging Face model folder with config.json; nothing is "
+            "downloaded)"
+        )
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
@@ -178,18 +184,41 @@ def load_model(path: str, device: str = "cpu"):
 
 
 def _read_answers(path: str, records: Sequence[QARecord]) -> list[str]:
-    by_id: dict[str, str] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
+    """The answer of every record from a JSONL of ``{"id", "answer"}`` lines; every bad line is reported at
+    once, by its line number in the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--answers: no answers file at {path}")
+    by_id: dict[str, tuple[str, int]] = {}
+    problems: list[str] = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(f"line {lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
+                continue
+            if not line.strip():
+                continue
+            try:
                 obj = json.loads(line)
-                if not isinstance(obj, dict) or not isinstance(obj.get("answer"), str):
-                    raise ValueError(f"{path}: line {lineno} must be {{\"id\": ..., \"answer\": \"...\"}}; got {line!r}")
-                by_id[str(obj.get("id"))] = obj["answer"]
+            except json.JSONDecodeError as e:
+                problems.append(f"line {lineno}: not valid JSON ({e.msg} at column {e.colno})")
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("answer"), str) or obj.get("id") is None:
+                problems.append(f'line {lineno}: must be {{"id": ..., "answer": "..."}}; got {line.strip()[:120]!r}')
+                continue
+            rid = str(obj["id"])
+            if rid in by_id:
+                problems.append(f"line {lineno}: id {rid!r} already answered on line {by_id[rid][1]}")
+                continue
+            by_id[rid] = (obj["answer"], lineno)
     missing = [r.id for r in records if r.id not in by_id]
     if missing:
-        raise ValueError(f"{path}: no answer for {len(missing)} record(s), e.g. {missing[:5]}")
-    return [by_id[r.id] for r in records]
+        problems.append(f"no answer for {len(missing)} record(s), e.g. {missing[:5]}")
+    if problems:
+        shown = "\n  ".join(problems[:50]) + (f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else "")
+        raise ValueError(f"{path}: {len(problems)} problem(s):\n  {shown}")
+    return [by_id[r.id][0] for r in records]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -206,8 +235,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad records: fail or skip")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
+    return run_command("firempo-build-pairs", lambda: _build_pairs(args), debug=args.debug)
 
+
+def _build_pairs(args: argparse.Namespace) -> int:
+    check_writable_file(args.out, "--out")  # before the answers are generated, not after
     records = load_qa_records(args.data, on_error=args.on_error)
     editor = load_editor(args.editor)
     if args.model:

@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..cli import atomic_write, check_writable_dir, check_writable_file, run_command
 from ._progress import progress
 from .records import QARecord, load_preference_records, load_qa_records, write_records
 
@@ -140,9 +141,8 @@ def corrupt_image_file(record: QARecord, out_path: str | os.PathLike, **sigmas: 
     out = corrupt_array(np.ascontiguousarray(arr), region, record_seed(record.id), **sigmas)
     if alpha is not None:
         out = np.concatenate([out if out.ndim == 3 else out[..., None], alpha], axis=-1)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(out, mode=None).save(out_path, format="PNG")
+    with atomic_write(out_path, "wb") as f:
+        Image.fromarray(out, mode=None).save(f, format="PNG")
     return str(out_path)
 
 
@@ -169,7 +169,8 @@ def corrupt_records(
 
 
 def _is_preference_file(path: str) -> bool:
-    with open(path, encoding="utf-8") as f:
+    # Undecodable bytes are the loader's to report, with their line number.
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for line in f:
             try:
                 obj = json.loads(line)
@@ -189,8 +190,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--sigma-lesion", type=float, default=SIGMA_LESION)
     ap.add_argument("--sigma-whole-image", type=float, default=SIGMA_WHOLE_IMAGE)
     ap.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad records: fail or skip")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
+    return run_command("firempo-corrupt", lambda: _corrupt(args), debug=args.debug)
+
+
+def _corrupt(args: argparse.Namespace) -> int:
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"--data: no record file at {args.data}")
+    check_writable_file(args.out, "--out")
+    check_writable_dir(args.image_dir, "--image-dir")
     load = load_preference_records if _is_preference_file(args.data) else load_qa_records
+    # Every image is decoded here, before the first one is written: a bad record is reported (or, with
+    # --on-error skip, left out) up front instead of stopping the run half-way.
     records = load(args.data, on_error=args.on_error)
     out = corrupt_records(
         records, args.image_dir, sigma_lesion=args.sigma_lesion, sigma_whole_image=args.sigma_whole_image

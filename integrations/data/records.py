@@ -101,9 +101,12 @@ def _resolve(base: Path, value: str) -> str:
 
 
 def _image_size(path: str) -> tuple[int, int]:
-    from PIL import Image  # the header only: cheap, and catches truncated or non-image files up front
+    """The image's size, after decoding it whole: a truncated file has a valid header and fails only when its
+    pixels are read, which would otherwise happen mid-training."""
+    from PIL import Image
 
     with Image.open(path) as im:
+        im.load()
         return im.size
 
 
@@ -228,8 +231,15 @@ def _load(
     problems: list[RecordProblem] = []
     records: list[QARecord] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw_line in enumerate(f, 1):
+            try:
+                # utf-8-sig on the first line: an editor's byte-order mark is not part of the record.
+                line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(RecordProblem(lineno, None, f"not UTF-8 text (byte {raw_line[e.start]:#04x} at "
+                                                            f"column {e.start + 1}); save the file as UTF-8"))
+                continue
             if not line.strip():
                 continue
             try:
@@ -253,7 +263,11 @@ def _load(
         err = RecordValidationError(str(path), problems)
         if on_error == "raise":
             raise err
+        if not records:
+            raise err  # skipping every record would "succeed" with nothing to work on
         warnings.warn(f"skipping: {err}", stacklevel=3)
+    if not records:
+        raise ValueError(f"{path}: the file holds no record (it is empty or has only blank lines)")
     return records
 
 
@@ -306,16 +320,16 @@ def record_to_json(record: QARecord, base: str | os.PathLike | None = None) -> d
 
 def write_records(path: str | os.PathLike, records: Iterable[QARecord]) -> int:
     """Writes ``records`` as JSONL with paths relative to the file's folder; returns how many were written."""
+    from ..cli import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     base = path.parent.resolve()
     n = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(path) as f:  # a reader, or a crash, never sees a half-written file
         for rec in records:
             f.write(json.dumps(record_to_json(rec, base), ensure_ascii=False) + "\n")
             n += 1
-    os.replace(tmp, path)  # a reader never sees a half-written file
     return n
 
 

@@ -1,0 +1,248 @@
+"""Nothing lost, nothing silently wrong: one case per class of fault (a second run into the same folder, a
+mismatched precomputed reference or resumed config, bad input found late, unclear errors, numeric edges,
+unsafe input). The numeric edges of the ops and the loss are in test_ops.py / test_losses.py
+(``test_kl_is_never_negative_*``, ``test_bad_hyperparameters_raise``, ``test_bad_num_examples_in_batch_raises``);
+the strict booleans of the run config in test_run_config.py. ``tests/probe_reliability.py`` sweeps the entry
+points and fills the table of docs/reliability.md."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from firempo_kernels.integrations import train
+from firempo_kernels.integrations.data import corrupt, build_pairs
+from firempo_kernels.integrations.data.records import RecordValidationError, load_qa_records
+
+SMOKE = str(Path(train.__file__).parent / "configs" / "smoke.yaml")
+
+
+@pytest.fixture(autouse=True)
+def quiet_and_single_threaded(monkeypatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("FIREMPO_PROGRESS", "0")
+
+
+def firempo_train(out: Path, *extra: str, seed: int = 0) -> int:
+    return train.main([
+        "--config", SMOKE, "deepspeed=null", f"model.seed={seed}", "data.synthetic.num_examples=4",
+        "training.micro_batch_size=2", "training.gradient_accumulation_steps=1", "training.max_steps=2",
+        "training.save_steps=1", "training.progress_bar=false", "training.gradient_checkpointing=false",
+        f"training.output_dir={out}", *extra,
+    ])
+
+
+def no_traceback(err: str) -> bool:
+    """No traceback of ours; in-process runs leave transformers' logger holding an earlier captured stream,
+    whose complaint ("--- Logging error ---" and its own traceback) is pytest's artefact, not the command's."""
+    return "Traceback" not in re.sub(r"--- Logging error ---.*?Arguments: [^\n]*\n", "", err, flags=re.S)
+
+
+def logged_steps(out: Path) -> list[int]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [row["step"] for row in state["log_history"] if "loss" in row and "train_loss" not in row]
+
+
+# 1. A second run into the same output folder -----------------------------------------------------------
+
+def test_a_second_run_into_the_same_folder_is_refused_continued_or_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert firempo_train(out) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert firempo_train(out, "training.max_steps=1") == 2
+    err = capsys.readouterr().err
+    assert f"training.output_dir={out} already holds a run" in err and "training.resume_from=latest" in err
+    assert "training.overwrite_output_dir=true" in err and no_traceback(err)
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing deleted, nothing rewritten
+    assert logged_steps(out) == [1, 2]
+
+    # continued: one history, steps 1-3 (max_steps may change on resume; the log says so)
+    assert firempo_train(out, "training.resume_from=latest", "training.max_steps=3") == 0
+    err = capsys.readouterr().err
+    assert "accepted changes training.max_steps: 2 -> 3" in err
+    assert logged_steps(out) == [1, 2, 3]
+
+    assert firempo_train(out, "training.overwrite_output_dir=true", "training.max_steps=1") == 0
+    assert "removing the previous run's" in capsys.readouterr().err
+    assert logged_steps(out) == [1]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+
+
+# 2. Silent mismatches: a store built by another model, a resume with another config ----------------------
+
+def test_a_precomputed_reference_of_another_model_is_refused(tmp_path, capsys):
+    store = tmp_path / "store"
+    common = ["reference.mode=precomputed", f"reference.precomputed_dir={store}"]
+    assert firempo_train(tmp_path / "pre", *common, "--precompute-reference", seed=1) == 0
+    assert firempo_train(tmp_path / "other", *common, seed=2) == 2  # the policy (and reference) of another seed
+    err = capsys.readouterr().err
+    assert "built from another reference model" in err and "output head weights" in err
+    assert firempo_train(tmp_path / "same", *common, seed=1) == 0
+
+
+def test_a_precomputed_reference_of_other_content_is_refused_at_lookup(tmp_path):
+    import torch
+
+    from firempo_kernels.integrations.batch import PreferenceCollator, PreferenceExample
+    from firempo_kernels.integrations.precompute import PrecomputedReferenceStore, precompute_reference
+    from firempo_kernels.integrations.smoke import tiny_model
+
+    def example(token: int) -> PreferenceExample:
+        ids = torch.tensor([1, 2, token, 3])
+        labels = torch.tensor([-100, -100, token, 3])
+        weights = torch.tensor([0.0, 0.0, 1.0, 0.0])
+        return PreferenceExample("a", ids, labels, weights, ids.clone(), labels.clone(), weights.clone())
+
+    collate = PreferenceCollator(0)
+    model = tiny_model("llama")
+    precompute_reference(model, [collate([example(5)])], tmp_path / "store", progress=False)
+    store = PrecomputedReferenceStore(tmp_path / "store")
+    batch = collate([example(5)])
+    store.lookup(batch.example_ids, batch.content_hashes)
+    changed = collate([example(6)])  # the same id, another token
+    with pytest.raises(ValueError, match=r"example\(s\) \['a'\] differ from the ones the store was built from"):
+        store.lookup(changed.example_ids, changed.content_hashes)
+
+
+def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert firempo_train(out) == 0
+    assert firempo_train(out, "training.resume_from=latest", "training.max_steps=3",
+                         "training.learning_rate=5e-4", "loss.beta=0.2") == 2
+    err = capsys.readouterr().err
+    assert "training.learning_rate: 0.0001 -> 0.0005" in err and "loss.beta" in err
+    assert "A resumed run continues the same run" in err and no_traceback(err)
+    assert logged_steps(out) == [1, 2]
+
+
+# 3. Late failures: found up front instead -------------------------------------------------------------
+
+def scans(tmp_path: Path, n: int = 3, truncated: int | None = 1) -> Path:
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n):
+        path = tmp_path / f"scan{i}.png"
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+        if i == truncated:
+            path.write_bytes(path.read_bytes()[:200])  # a valid header, pixels cut off
+        lines.append(json.dumps({"id": f"r{i}", "image": path.name, "question": "Is there a lesion?"}))
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return data
+
+
+def test_a_truncated_image_is_found_when_the_records_load(tmp_path):
+    data = scans(tmp_path)
+    with pytest.raises(RecordValidationError, match=r"line 2: record 'r1': `image` is not a readable image"):
+        load_qa_records(data)
+
+
+def test_corrupt_skips_a_truncated_image_and_writes_the_rest(tmp_path, capsys):
+    data = scans(tmp_path)
+    out = tmp_path / "out" / "records.jsonl"
+    with pytest.warns(UserWarning, match="r1"):
+        assert corrupt.main(["--data", str(data), "--out", str(out), "--image-dir", str(tmp_path / "v"),
+                             "--on-error", "skip"]) == 0
+    assert [r.id for r in load_qa_records(out)] == ["r0", "r2"]
+
+
+def test_unwritable_outputs_are_found_before_the_work(tmp_path, capsys):
+    data = scans(tmp_path, truncated=None)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert corrupt.main(["--data", str(data), "--out", str(blocker / "out.jsonl"),
+                         "--image-dir", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err
+    assert "--out: cannot write into" in err and no_traceback(err)
+    assert not (tmp_path / "v").exists() or not any((tmp_path / "v").iterdir())  # no image was written
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text("".join(json.dumps({"id": f"r{i}", "answer": "No."}) + "\n" for i in range(3)))
+    assert build_pairs.main(["--data", str(data), "--answers", str(answers), "--out", str(blocker / "p.jsonl")]) == 2
+    assert "--out: cannot write into" in capsys.readouterr().err
+    assert train.main(["--config", SMOKE, f"training.output_dir={blocker / 'run'}"]) == 2
+    assert "training.output_dir: cannot write into" in capsys.readouterr().err
+
+
+def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path):
+    from firempo_kernels.integrations.cli import atomic_write
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError), atomic_write(path) as f:
+        f.write("half of the new")
+        raise RuntimeError("crash")
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+# 4. Clear errors ---------------------------------------------------------------------------------------
+
+def test_encoding_problems_are_reported_by_line_and_a_bom_is_accepted(tmp_path):
+    data = scans(tmp_path, truncated=None)
+    lines = data.read_bytes().splitlines(keepends=True)
+    latin1 = lines[1].replace(b"lesion", b"l\xe9sion")  # an editor's Latin-1 "é"
+    data.write_bytes(b"\xef\xbb\xbf" + lines[0] + latin1 + lines[2])
+    with pytest.raises(RecordValidationError) as info:
+        load_qa_records(data)
+    column = latin1.index(b"\xe9") + 1
+    assert [str(p) for p in info.value.problems] == [
+        f"line 2: record: not UTF-8 text (byte 0xe9 at column {column}); save the file as UTF-8"]
+    data.write_bytes(b"\xef\xbb\xbf" + lines[0] + lines[2])
+    assert [r.id for r in load_qa_records(data)] == ["r0", "r2"]  # the BOM did not reject the first record
+
+
+def test_an_empty_record_file_is_an_error(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no record"):
+        load_qa_records(empty)
+    assert corrupt.main(["--data", str(empty), "--out", str(tmp_path / "o.jsonl"), "--image-dir", str(tmp_path)]) == 2
+    assert "holds no record" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+
+
+def test_answers_file_errors_cite_their_own_lines(tmp_path, capsys):
+    data = scans(tmp_path, truncated=None)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"id": "r0", "answer": "No."}\n\n{"id": "r1", "answer": 3}\n{"id": "r2", "answer": "Yes.\n')
+    assert build_pairs.main(["--data", str(data), "--answers", str(answers), "--out", str(tmp_path / "p.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "line 3: must be" in err and "line 4: not valid JSON" in err and no_traceback(err)
+
+
+def test_a_missing_model_folder_is_named(tmp_path, capsys):
+    data = scans(tmp_path, truncated=None)
+    assert build_pairs.main(["--data", str(data), "--model", "/nonexistent", "--out", str(tmp_path / "p.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--model: no model folder at /nonexistent" in err and "repo id" not in err
+
+
+def test_resume_passes_over_a_damaged_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert firempo_train(out) == 0
+    (out / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_hi')  # cut by a crash
+    assert firempo_train(out, "training.resume_from=latest") == 0
+    err = capsys.readouterr().err
+    assert "passing over checkpoint-2: its trainer_state.json is unreadable" in err
+    assert logged_steps(out) == [1, 2]  # step 2 was trained again from checkpoint-1
+
+
+# 6. Unsafe input ---------------------------------------------------------------------------------------
+
+def test_a_deepspeed_latest_tag_pointing_outside_the_checkpoint_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert firempo_train(out) == 0
+    for step in (1, 2):
+        (out / f"checkpoint-{step}" / "latest").write_text("../../../elsewhere")
+    assert firempo_train(out, f"training.resume_from={out / 'checkpoint-2'}") == 2
+    err = capsys.readouterr().err
+    assert "not a folder inside the checkpoint" in err and no_traceback(err)
+
+
+def test_the_project_never_unpickles_with_weights_only_false():
+    root = Path(__file__).resolve().parents[1]
+    sources = [p for d in ("firempo_kernels", "integrations", "csrc_triton", "benchmarks") for p in (root / d).rglob("*.py")]
+    offenders = [str(p) for p in sources if "torch.load(" in (text := p.read_text()) and "weights_only=True" not in text]
+    offenders += [str(p) for p in sources if "pickle.load" in p.read_text()]
+    assert not offenders
