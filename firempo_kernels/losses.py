@@ -436,14 +436,14 @@ class FiReMPOLoss(torch.nn.Module):
     corrupted images and a two-sided token KL to the reference, without any tokens x vocab logits.
 
     Args:
-        beta: > 0, scale of the implicit rewards.
-        alpha: >= 0, weight of the token KL (0 turns it off: no KL gradient, no reference-logit rebuild).
-        gamma: >= 0, weight of the visual-contrastive term (0: the (v', .) rows are not read).
+        beta: in (0, 1e6], scale of the implicit rewards.
+        alpha: in [0, 1e6], weight of the token KL (0 turns it off: no KL gradient, no reference-logit rebuild).
+        gamma: in [0, 1e6], weight of the visual-contrastive term (0: the (v', .) rows are not read).
         lambda_: in [0, 1], share of KL(ref || policy) in the KL term; ``1 - lambda_`` goes to KL(policy || ref).
         visual_pairing: the visual margin ``m_visual``: ``"reversed"`` (the paper's: Delta(y-, v') -
             Delta(y+, v')), ``"same_response"`` (Delta(y+, v) - Delta(y+, v')) or ``"cross"``
             (Delta(y+, v) - Delta(y-, v')).
-        temperature: > 0; both models' logits are divided by it.
+        temperature: in [1e-6, 1e6]; both models' logits are divided by it.
         ignore_index: label of positions that are not targets.
 
     Presets: :meth:`rrpo`, :meth:`mask_dpo`, :meth:`dpo`, or :meth:`from_preset` by name (see ``LOSS_PRESETS``).

@@ -262,7 +262,7 @@ def fused_linear_logprobs(
         weight: [V, d], the dtype of ``hidden``. Gets a gradient only if it requires one.
         targets: [...] integer, in [0, V) or ``ignore_index``.
         bias: optional [V], the dtype of ``weight``.
-        temperature: finite, > 0; the logits are divided by it.
+        temperature: in [1e-6, 1e6]; the logits are divided by it.
         ignore_index: positions with this target give 0 and receive no gradient.
 
     Returns:

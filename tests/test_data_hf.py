@@ -89,12 +89,13 @@ def test_a_truncated_image_fails_at_load_time_naming_the_record(folder):
         {"id": "cut", "image": "truncated.png", **BASE},
         {"id": "cut-v", "image": "whole.png", "corrupted_image": "truncated.png", **BASE},
     ])
-    assert len(load_preference_records(path)) == 3  # headers only: the record loader lets them through
+    with pytest.raises(RecordValidationError, match="line 2: record 'cut'"):
+        load_preference_records(path)  # the images are decoded whole when the records load
     with pytest.raises(RecordValidationError) as info:
         load_preference_dataset(path)
     text = str(info.value)
-    assert "line 2: record 'cut': `image` could not be decoded" in text
-    assert "line 3: record 'cut-v': `corrupted_image` could not be decoded" in text
+    assert "line 2: record 'cut': `image` is not a readable image" in text
+    assert "line 3: record 'cut-v': `corrupted_image` is not a readable image" in text
     assert "truncated.png" in text and text.startswith(f"{path}: 2 bad record(s)")
     assert {(p.line, p.id) for p in info.value.problems} == {(2, "cut"), (3, "cut-v")}
 
@@ -126,12 +127,10 @@ def test_skip_drops_bad_records_with_a_warning(folder):
     assert "line 2: record 'cut'" in text and "line 3: record 'missing'" in text
 
 
-def test_all_records_bad_gives_an_empty_dataset_when_skipping(folder):
+def test_all_records_bad_is_an_error_even_when_skipping(folder):
     path = _write(folder / "pairs.jsonl", [{"id": "cut", "image": "truncated.png", **BASE}])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = load_preference_dataset(path, on_error="skip")
-    assert len(ds) == 0 and ds.features == preference_features()
+    with pytest.raises(RecordValidationError, match="line 1: record 'cut'"):  # nothing left to train on
+        load_preference_dataset(path, on_error="skip")
 
 
 def test_in_memory_records(folder):

@@ -246,3 +246,15 @@ def test_the_project_never_unpickles_with_weights_only_false():
     offenders = [str(p) for p in sources if "torch.load(" in (text := p.read_text()) and "weights_only=True" not in text]
     offenders += [str(p) for p in sources if "pickle.load" in p.read_text()]
     assert not offenders
+
+
+# The sweep ----------------------------------------------------------------------------------------------
+
+def test_the_probe_sweep_finds_nothing_silent_crashing_or_lost_and_the_documented_table_is_current():
+    import probe_reliability
+
+    results = probe_reliability.run_probes()
+    bad = [r for r in results if r[2] in ("silent", "crash", "data lost")]
+    assert not bad
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
+    assert probe_reliability.table(results) in doc, "rerun: python tests/probe_reliability.py --write"

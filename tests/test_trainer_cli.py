@@ -56,9 +56,10 @@ def test_lora_training_live_and_precomputed_reference(tmp_path):
     assert list(live) == [1, 2]
     for step in live:  # the same fp32 values reach the loss, split over two op calls: ~1e-7 relative
         assert stored[step] == pytest.approx(live[step], rel=1e-5)
+    logged = set().union(*rows)  # visual/margins only where a step's examples have v' (shuffled: not every step)
     for key in ("rewards/accuracies", "rewards/margins", "logps/chosen", "kl/forward", "loss/visual",
                 "visual/margins", "learning_rate"):
-        assert key in rows[0]
+        assert key in logged, key
     index = json.loads((tmp_path / "store" / "index.json").read_text())
     assert index["metadata"]["reference"] == "policy" and index["metadata"]["num_examples"] == 8
     final = tmp_path / "live" / "final"

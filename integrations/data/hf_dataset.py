@@ -118,9 +118,9 @@ def _rows(
     return rows, problems
 
 
-def _finish(source: str, rows: list[dict[str, Any]], problems: list[RecordProblem], on_error: OnError,
-            earlier: Iterable[RecordProblem] = ()) -> list[dict[str, Any]]:
-    problems = sorted([*earlier, *problems], key=lambda p: p.line)
+def _finish(source: str, rows: list[dict[str, Any]], problems: list[RecordProblem], on_error: OnError
+            ) -> list[dict[str, Any]]:
+    problems = sorted(problems, key=lambda p: p.line)
     if problems:
         err = RecordValidationError(source, problems)
         if on_error == "raise":
@@ -200,9 +200,8 @@ def load_preference_dataset(
 ) -> "datasets.Dataset":
     """Loads a JSONL file of preference records as a ``datasets.Dataset`` in TRL's preference format.
 
-    Records are validated by :func:`.records.load_preference_records` (fields, tags, files, sizes), then every
-    image and corrupted image is read and fully decoded; all problems of both steps are reported together
-    (one error, or one warning when skipping).
+    Records are validated by :func:`.records.load_preference_records` (fields, tags, files decoded whole,
+    sizes; all problems in one error, or one warning when skipping), then every image is read as RGB.
 
     Args:
         path: the JSONL file; relative image paths inside it are taken from its folder.
@@ -225,13 +224,6 @@ def load_preference_dataset(
     if not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"load_preference_dataset: `path` must be a str or os.PathLike; got {type(path).__name__}")
     path = Path(path)
-    earlier: list[RecordProblem] = []
-    try:
-        records = load_preference_records(path, on_error="raise")
-    except RecordValidationError as e:  # add the image problems of the other records: one report of all
-        earlier = e.problems
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            records = load_preference_records(path, on_error="skip")
+    records = load_preference_records(path, on_error=on_error)  # every image decoded, all problems at once
     rows, problems = _rows(records, prompt_template, _id_lines(path))
-    return _dataset(_finish(str(path), rows, problems, on_error, earlier))
+    return _dataset(_finish(str(path), rows, problems, on_error))
