@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS := dev,hf,deepspeed,peft,bench
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench bench-step clean
 
 $(STAMP): setup.py requirements/pins.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +17,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/report.py
+
+bench-step: $(STAMP)
+	$(PY) benchmarks/bench_step.py
 
 demo: $(STAMP)
 	$(PY) -m firempo_kernels.integrations.demo

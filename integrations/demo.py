@@ -370,6 +370,14 @@ def write_report(out: Path, cfg: DemoConfig, facts: dict[str, Any], rows, base, 
 # The run
 # ---------------------------------------------------------------------------------------------------
 
+def _previous_demo(out: Path) -> bool:
+    """Whether ``out`` holds what a demo run wrote (its marker, or the report of a run from before it)."""
+    if (out / _DEMO_MARKER).is_file():
+        return True
+    report = out / "report.md"
+    return report.is_file() and report.read_text(encoding="utf-8", errors="replace").startswith("# FiRe-MPO demo")
+
+
 def run_demo(out: Path, cfg: DemoConfig) -> Path:
     """Runs every step into ``out`` (emptied first) and returns the report's path."""
     import torch
@@ -383,7 +391,7 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
 
     started = time.perf_counter()
     if out.exists() and any(out.iterdir()):
-        if not (out / _DEMO_MARKER).is_file():  # never delete a folder the demo did not write
+        if not _previous_demo(out):  # never delete a folder the demo did not write
             raise ValueError(f"--out {out} is not empty and holds no previous demo run; choose a new or empty folder")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

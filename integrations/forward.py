@@ -25,6 +25,7 @@ from firempo_kernels.precomputed_reference import PrecomputedReference
 
 from .batch import PreferenceBatch
 from .models import ModelAdapter, get_adapter, unwrap_model
+from .packing import can_pack, pack_layout, packed_hidden_states
 
 if TYPE_CHECKING:
     from .reference import Reference
@@ -46,15 +47,22 @@ def _repeat_for_both_responses(images: Mapping[str, torch.Tensor]) -> dict[str, 
 
 
 def block_hidden_states(
-    adapter: ModelAdapter, model: nn.Module, batch: PreferenceBatch, corrupted: bool
+    adapter: ModelAdapter, model: nn.Module, batch: PreferenceBatch, corrupted: bool, shared_prefix: bool = False
 ) -> torch.Tensor:
     """[k * B, T - 1, d]: hidden states of the blocks (v, y+), (v, y-) and, if ``corrupted``, (v', y+),
-    (v', y-), each position predicting the next token. One model call per image kind."""
+    (v', y-), each position predicting the next token. One model call per image kind; with ``shared_prefix``
+    (and an attention implementation that takes the mask) the two rows of an example share their prompt's
+    forward (:mod:`.packing`)."""
     passes = [batch.images] + ([batch.corrupted_images] if corrupted else [])
-    hidden = [
-        adapter.hidden_states(model, batch.input_ids, batch.attention_mask, _repeat_for_both_responses(images))[:, :-1]
-        for images in passes
-    ]
+    if shared_prefix and can_pack(model):
+        layout = pack_layout(batch)
+        hidden = [packed_hidden_states(adapter, model, batch, images, layout)[:, :-1] for images in passes]
+    else:
+        hidden = [
+            adapter.hidden_states(model, batch.input_ids, batch.attention_mask,
+                                  _repeat_for_both_responses(images))[:, :-1]
+            for images in passes
+        ]
     return hidden[0] if len(hidden) == 1 else torch.cat(hidden)
 
 
@@ -77,9 +85,10 @@ class HiddenStatesRequest:
 
     batch: PreferenceBatch
     corrupted: bool
+    shared_prefix: bool = False
 
     def run(self, model: nn.Module, adapter: ModelAdapter) -> torch.Tensor:
-        return block_hidden_states(adapter, model, self.batch, self.corrupted)
+        return block_hidden_states(adapter, model, self.batch, self.corrupted, self.shared_prefix)
 
 
 @dataclasses.dataclass
@@ -93,6 +102,7 @@ class LossRequest:
         reference_head: ``(weight, bias)`` of the reference head, or None when it is the policy's own.
         corrupted: whether the (v', .) blocks run.
         num_examples_in_batch: passed to the loss (the examples of the whole accumulation window).
+        shared_prefix: the two rows of an example share their prompt's forward (:mod:`.packing`).
     """
 
     batch: PreferenceBatch
@@ -101,9 +111,10 @@ class LossRequest:
     reference_head: tuple[torch.Tensor, torch.Tensor | None] | None
     corrupted: bool
     num_examples_in_batch: int | torch.Tensor | None = None
+    shared_prefix: bool = False
 
     def run(self, model: nn.Module, adapter: ModelAdapter) -> FiReMPOOutput:
-        hidden = block_hidden_states(adapter, model, self.batch, self.corrupted)
+        hidden = block_hidden_states(adapter, model, self.batch, self.corrupted, self.shared_prefix)
         labels, span_weights, has_corrupted = block_targets(self.batch, self.corrupted)
         weight, bias = adapter.head(model)
         ref_weight, ref_bias = self.reference_head if self.reference_head is not None else (None, None)
@@ -165,6 +176,7 @@ def compute_firempo_loss(
     reference_head: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     num_examples_in_batch: int | torch.Tensor | None = None,
     corrupted_pass: bool | None = None,
+    shared_prefix: bool = True,
 ) -> FiReMPOOutput:
     """The FiRe-MPO loss of one collated batch: the thin adapter for custom loops and any ``Trainer``.
 
@@ -189,6 +201,10 @@ def compute_firempo_loss(
             Default: when the batch has corrupted images. Under ZeRO-3 every rank must make the same model
             calls, so a distributed caller decides this for all ranks; ``True`` with a batch without v' runs
             the clean images there with c = 0.
+        shared_prefix: the chosen and rejected rows of an example share the forward of their common prefix
+            (the image and question), in the policy and a live reference alike (:mod:`.packing`); the
+            same hidden states, the prompt's work done once. Models whose attention cannot take the packed
+            mask run unpacked (said once in the log).
 
     Returns:
         ``FiReMPOOutput``: scalar float32 ``loss`` with a graph to the trainable parameters, detached metrics.
@@ -214,7 +230,10 @@ def compute_firempo_loss(
             batch, corrupted_images=batch.images,
             has_corrupted_image=torch.zeros(batch.num_examples, dtype=torch.bool, device=batch.input_ids.device),
         )
+    if not isinstance(shared_prefix, bool):
+        raise TypeError(f"{fn}: `shared_prefix` must be a bool; got {type(shared_prefix).__name__}")
     request = LossRequest(
-        batch, loss_fn, ref.hidden_states(model, batch, corrupted), ref.head(model), corrupted, num_examples_in_batch
+        batch, loss_fn, ref.hidden_states(model, batch, corrupted, shared_prefix), ref.head(model), corrupted,
+        num_examples_in_batch, shared_prefix,
     )
     return call_with_request(model, request)

@@ -109,6 +109,13 @@ class ModelAdapter:
         """Per-token inputs the backbone needs besides ids, mask and images."""
         return {}
 
+    def position_ids(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        images: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The positions the model gives the tokens of right-padded rows: [R, T] (0, 1, ... per row)."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
     def head(self, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(weight [V, d], bias [V] or None)`` of the output head.
 
@@ -135,15 +142,19 @@ class ModelAdapter:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         images: Mapping[str, torch.Tensor] | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last hidden states, exactly what the model multiplies by its head.
 
         Args:
             model: the Hugging Face model (optionally peft/DeepSpeed-wrapped).
             input_ids: [R, T] int64, right-padded.
-            attention_mask: [R, T] 0/1.
+            attention_mask: [R, T] 0/1; or a [R, 1, T, T] additive float mask (the packed rows of
+                :mod:`.packing`), with ``position_ids``.
             images: vision inputs for the image placeholders of these R rows, in row order (e.g.
                 ``pixel_values``, ``image_grid_thw``); empty or None for text only.
+            position_ids: the positions (as :meth:`position_ids` gives them), or None: the model's own.
 
         Returns:
             [R, T, d] in the model's compute dtype.
@@ -154,10 +165,12 @@ class ModelAdapter:
                 f"{type(self).__name__} runs text-only models but got vision inputs {sorted(images)}; register an "
                 f"adapter for {type(unwrap_model(model)).__name__} (see firempo_kernels.integrations.models)"
             )
+        positions = {} if position_ids is None else {"position_ids": position_ids}
         out = self.backbone(model)(
             input_ids=input_ids,
             attention_mask=attention_mask,
             use_cache=False,
+            **positions,
             **images,
             **self.extra_inputs(model, input_ids),
         )
@@ -225,6 +238,21 @@ class QwenVLAdapter(ModelAdapter):
         if video is not None:
             types[input_ids == video] = 2
         return {"mm_token_type_ids": types}
+
+    def position_ids(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        images: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """M-RoPE positions [3, R, T] (temporal, height, width) from the model's own ``get_rope_index``."""
+        images = dict(images or {})
+        if "image_grid_thw" not in images:
+            return super().position_ids(model, input_ids, attention_mask)[None].expand(3, -1, -1)
+        backbone = self.backbone(model)
+        positions, _ = backbone.get_rope_index(
+            input_ids, image_grid_thw=images["image_grid_thw"], attention_mask=attention_mask,
+            **self.extra_inputs(model, input_ids),
+        )
+        return positions
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

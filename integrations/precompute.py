@@ -197,6 +197,7 @@ def precompute_reference(
     shard_bytes: int = 1 << 30,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    shared_prefix: bool = True,
 ) -> Path:
     """Run the reference over ``batches`` and store what the loss needs, per example.
 
@@ -214,6 +215,7 @@ def precompute_reference(
         device: where the batches go (default: the model's).
         shard_bytes, progress: shard size; a rank-0 progress bar.
         metadata: extra JSON-able facts to record in the index.
+        shared_prefix: the two rows of an example share their prompt's forward (:mod:`.packing`).
 
     Returns:
         The store directory.
@@ -244,7 +246,7 @@ def precompute_reference(
             raise TypeError(f"precompute_reference: batches must be PreferenceBatch; got {type(batch).__name__}")
         batch = batch.to(device, non_blocking=True)
         corrupted = include_corrupted and batch.corrupted_images is not None
-        hidden = reference.hidden_states(model, batch, corrupted)
+        hidden = reference.hidden_states(model, batch, corrupted, shared_prefix)
         labels, span_weights, has_corrupted = block_targets(batch, corrupted)
         ref = PrecomputedReference.from_reference_forward(
             weight, hidden, labels, span_weights, has_corrupted,

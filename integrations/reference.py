@@ -102,11 +102,11 @@ class Reference:
     mode: str = ""
 
     def hidden_states(
-        self, policy: nn.Module, batch: PreferenceBatch, corrupted: bool
+        self, policy: nn.Module, batch: PreferenceBatch, corrupted: bool, shared_prefix: bool = False
     ) -> torch.Tensor | PrecomputedReference:
         """The reference side of one batch, without a graph: hidden states ``[k * B, T - 1, d']`` of the
-        blocks (v, y+), (v, y-) [, (v', y+), (v', y-)] (see :func:`.forward.block_hidden_states`), or the
-        batch's :class:`PrecomputedReference`."""
+        blocks (v, y+), (v, y-) [, (v', y+), (v', y-)] (see :func:`.forward.block_hidden_states`, also for
+        ``shared_prefix``), or the batch's :class:`PrecomputedReference`."""
         raise NotImplementedError
 
     def head(self, policy: nn.Module) -> Head | None:
@@ -131,9 +131,9 @@ class FrozenModelReference(Reference):
         self.adapter = get_adapter(model)
         self._head: Head | None = None
 
-    def hidden_states(self, policy, batch, corrupted):
+    def hidden_states(self, policy, batch, corrupted, shared_prefix=False):
         with torch.no_grad(), _eval_mode(self.model):
-            return call_with_request(self.model, HiddenStatesRequest(batch, corrupted))
+            return call_with_request(self.model, HiddenStatesRequest(batch, corrupted, shared_prefix))
 
     def head(self, policy: nn.Module) -> Head:
         if self._head is None:
@@ -175,9 +175,9 @@ class AdaptersDisabledReference(Reference):
             with peft_model.disable_adapter():
                 yield
 
-    def hidden_states(self, policy, batch, corrupted):
+    def hidden_states(self, policy, batch, corrupted, shared_prefix=False):
         with torch.no_grad(), _eval_mode(policy), self.reference_weights(policy):
-            return call_with_request(policy, HiddenStatesRequest(batch, corrupted))
+            return call_with_request(policy, HiddenStatesRequest(batch, corrupted, shared_prefix))
 
     def head(self, policy: nn.Module) -> Head | None:
         if not self._head_known:
@@ -209,7 +209,7 @@ class PrecomputedStoreReference(Reference):
         self._head = head
         self._head_known = head is not None
 
-    def hidden_states(self, policy, batch, corrupted):
+    def hidden_states(self, policy, batch, corrupted, shared_prefix=False):
         return _placed(self.store.lookup(batch.example_ids, batch.content_hashes), policy, batch, corrupted)
 
     def head(self, policy: nn.Module) -> Head | None:
@@ -255,7 +255,7 @@ class _FixedPrecomputed(Reference):
     def __init__(self, reference: PrecomputedReference, head: Head | None) -> None:
         self.reference, self._head = reference, head
 
-    def hidden_states(self, policy, batch, corrupted):
+    def hidden_states(self, policy, batch, corrupted, shared_prefix=False):
         return _placed(self.reference, policy, batch, corrupted)
 
     def head(self, policy):

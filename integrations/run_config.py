@@ -544,6 +544,8 @@ class TrainingSection(_Section):
     progress_bar: bool = _spec(_BOOL, True)
     num_workers: int = _spec(_int_from(0), 0)
     save_final_model: bool = _spec(_BOOL, True)
+    #: chosen and rejected rows share the forward of their common prefix (image and question)
+    shared_prefix: bool = _spec(_BOOL, True)
 
 
 _SECTION_TYPES: dict[str, type[_Section]] = {

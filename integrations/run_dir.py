@@ -33,6 +33,7 @@ SAFE_ON_RESUME = frozenset({
     "training.output_dir", "training.resume_from", "training.overwrite_output_dir", "training.max_steps",
     "training.epochs", "training.save_steps", "training.save_total_limit", "training.logging_steps",
     "training.progress_bar", "training.tensorboard", "training.num_workers", "training.save_final_model",
+    "training.shared_prefix",  # the same hidden states, another summation order
 })
 _SCHEDULE = ("training.max_steps", "training.epochs")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

@@ -115,6 +115,7 @@ def training_arguments(run: RunConfig, **overrides: Any):
         preset=loss.preset,
         reference_mode=mode,
         precomputed_reference_dir=run.precomputed_dir() if mode == "precomputed" else None,
+        shared_prefix=t.shared_prefix,
         **loss.preset_overrides(),
     )
     if kwargs.pop("temperature", 1.0) != 1.0:

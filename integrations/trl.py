@@ -86,9 +86,16 @@ class FiReMPOConfig(DPOConfig):
     precomputed_reference_dir: str | None = field(
         default=None, metadata={"help": "store of the precomputed reference (default <output_dir>/reference)"}
     )
+    shared_prefix: bool = field(
+        default=True,
+        metadata={"help": "chosen and rejected rows share the forward of their common prefix (image and question); "
+                          "models whose attention cannot take the packed mask run unpacked"},
+    )
 
     def __post_init__(self) -> None:
         where = "FiReMPOConfig"
+        if not isinstance(self.shared_prefix, bool):
+            raise TypeError(f"{where}: `shared_prefix` must be a bool; got {self.shared_prefix!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"{where}: `preset` must be one of {PRESETS}; got {self.preset!r}")
         values = {**_DEFAULTS, **LOSS_PRESETS[self.preset]}
@@ -477,7 +484,7 @@ class FiReMPOTrainer(DPOTrainer):
             ignore_index=self.loss_fn.ignore_index, keep_hidden=self.loss_fn.needs_reference_hidden,
             include_corrupted=self.loss_fn.needs_corrupted_pass, rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes, device=device,
-            progress=not bool(os.environ.get("TQDM_DISABLE")),
+            progress=not bool(os.environ.get("TQDM_DISABLE")), shared_prefix=self.args.shared_prefix,
         )
 
     # -- data -----------------------------------------------------------------------------------------
@@ -498,7 +505,8 @@ class FiReMPOTrainer(DPOTrainer):
     ):
         """The FiRe-MPO loss of one micro-batch (mean over its examples, as DPOTrainer's), metrics recorded."""
         batch = inputs["batch"]
-        out = compute_firempo_loss(model, self.reference, batch, self.loss_fn, corrupted_pass=self._corrupted_pass)
+        out = compute_firempo_loss(model, self.reference, batch, self.loss_fn, corrupted_pass=self._corrupted_pass,
+                                   shared_prefix=self.args.shared_prefix)
         self._record(out.metrics)
         return (out.loss, out) if return_outputs else out.loss
 

@@ -1,7 +1,9 @@
 """ZeRO-3 on two CPU ranks through the DeepSpeed launcher (``deepspeed --num_gpus 2 --module
 firempo_kernels.integrations.train``) against one process without DeepSpeed, on the tiny smoke model:
 full fine-tuning with a frozen reference model, a LoRA policy whose reference is the policy with its adapters
-off, and a ZeRO-3 run resumed from its step-1 checkpoint against the uninterrupted one.
+off, and a ZeRO-3 run resumed from its step-1 checkpoint against the uninterrupted one. The ZeRO-3 runs pack
+each example's two rows on their shared prefix (the default), the one-process runs do not: the packed forward
+trains like the unpacked one under ZeRO-3 too.
 
 Both sides see the same four examples per optimizer step: 2 ranks x 1 example x 2 accumulation steps against
 1 process x 2 examples x 2 accumulation steps (sequential sampling; accelerate hands consecutive micro-batches
@@ -97,7 +99,7 @@ class Launches:
         if name not in self.logs:
             self.logs[name] = run(
                 [sys.executable, "-m", "firempo_kernels.integrations.train",
-                 *overrides(self.root / name, self.seed, 2), *extra, "deepspeed=null"],
+                 *overrides(self.root / name, self.seed, 2), *extra, "deepspeed=null", "training.shared_prefix=false"],
                 f"one-process run {name}")
         return self.root / name
 

@@ -155,6 +155,9 @@ def test_config_fields_are_checked():
         make(loss_type=["ipo"])
     with pytest.raises(ValueError, match="contradicts reference_mode='model'"):
         make(reference_mode="model", precompute_ref_log_probs=True)
+    with pytest.raises(TypeError, match="`shared_prefix` must be a bool"):
+        make(shared_prefix="no")
+    assert make().shared_prefix is True
     rrpo = make(preset="rrpo")
     assert (rrpo.alpha, rrpo.gamma, rrpo.lambda_) == (0.01, 0.0, 1.0)
     assert make(preset="rrpo", gamma=0.3).gamma == 0.3

@@ -1,0 +1,294 @@
+"""One whole FiRe-MPO training step of a small Qwen2.5-VL with Qwen's real vocabulary (V = 151936): forward
+and backward through the model, the reference live, every pass of the method.
+
+    .venv/bin/python benchmarks/bench_step.py [--prefix 128 256 512 1024] [--answer 32] [--reps 3]
+
+Methods, on the same model, reference and batch:
+
+- ``packed``: ours with ``shared_prefix`` (the default): per image kind one forward of the example's
+  [prompt | chosen | rejected] row, in the policy and the reference (integrations/packing.py);
+- ``unpacked``: ours with ``shared_prefix=False``: both rows in full, the prompt run twice;
+- ``authors``: the paper's code style: the model's own forward with full logits at every position of all 8
+  passes (policy and reference on (v, y+), (v, y-), (v', y+), (v', y-)), ``log_softmax`` over the vocabulary,
+  the same loss.
+
+One example (B = 1) whose prompt is an image (4 placeholder tokens) and text up to ``--prefix`` tokens, and two
+``--answer``-token answers that differ in a 4-token phrase (the span). The model: Qwen2.5-VL's architecture at
+d = 512, 8 decoder layers, V = 151936; the paper's setting: LoRA (r 8) on every projection of the language
+model, the reference = the policy with its adapters off. fp32, 2 threads. The authors' style runs up to
+``--authors-max-prefix`` (its full logits take ~1.3 GB per pass at 1024 tokens and minutes per step here).
+
+Peak extra memory: each (method, prefix) in its own process, the resident-set high-water mark of one step
+minus the resident set before it (benchmarks/harness.py, CpuMemory). Time: the median of ``--reps`` steps
+after a warm-up, the methods interleaved in one process. Writes ``benchmarks/report/step.json``,
+``benchmarks/report/step_vs_prefix.png`` and the generated block of the "whole training step" section of
+``benchmarks/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS_MD = HERE / "RESULTS.md"
+BEGIN, END = "<!-- BEGIN GENERATED: benchmarks/bench_step.py -->", "<!-- END GENERATED: benchmarks/bench_step.py -->"
+METHODS = ("packed", "unpacked", "authors")
+VOCAB, HIDDEN, LAYERS = 151936, 512, 8
+SPAN = slice(12, 16)  # the answers differ in these 4 tokens
+LORA_TARGETS = r"^(?!.*visual).*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+def build(prefix: int, answer: int, seed: int = 0):
+    """(policy, reference, batch, loss_fn): the LoRA policy, its reference (``"adapters_disabled"``), one
+    collated example and the paper's loss."""
+    import peft
+
+    from firempo_kernels import FiReMPOLoss
+    from firempo_kernels.integrations.batch import PreferenceCollator, PreferenceExample
+    from firempo_kernels.integrations.smoke import _image_layout, _special_ids, tiny_model
+
+    kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS)
+    base = tiny_model("qwen2_5_vl", seed=seed, **kwargs)
+    base.requires_grad_(False)
+    # The paper's setting: LoRA on the language model's projections; the reference is the policy with its
+    # adapters off (one model in memory, the head shared).
+    torch.manual_seed(seed)  # LoRA's A matrices: the same in every process
+    policy = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                       target_modules=LORA_TARGETS)).train()
+    lora_g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # as after some training: the policy differs from its reference
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02, generator=lora_g)
+    special = _special_ids(VOCAB)
+    image_tokens, vision = _image_layout(policy.config)
+    g = torch.Generator().manual_seed(seed)
+    text = lambda n: torch.randint(0, VOCAB - 16, (n,), generator=g)  # noqa: E731 - below the special ids
+    prompt = torch.cat((torch.tensor([special["vision_start_token_id"]] + [special["image_token_id"]] * image_tokens
+                                     + [special["vision_end_token_id"]]), text(prefix - image_tokens - 2)))
+    chosen = text(answer)
+    rejected = chosen.clone()
+    rejected[SPAN] = text(SPAN.stop - SPAN.start)
+    images = {k: torch.randn(v, generator=g) if isinstance(v, tuple) else v for k, v in vision.items()}
+    corrupted = {k: (v + 0.5 * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v
+                 for k, v in images.items()}
+
+    def row(response):
+        ids = torch.cat((prompt, response))
+        labels = torch.cat((torch.full_like(prompt, -100), response))
+        weights = torch.zeros(ids.shape[0])
+        weights[prompt.shape[0] + SPAN.start: prompt.shape[0] + SPAN.stop] = 1.0
+        return ids, labels, weights
+
+    example = PreferenceExample("x", *row(chosen), *row(rejected), images=images, corrupted_images=corrupted)
+    batch = PreferenceCollator(0)([example])
+    batch.has_corrupted_image = torch.ones(1, dtype=torch.bool)
+    return policy, "adapters_disabled", batch, FiReMPOLoss()
+
+
+def step_ours(policy, reference, batch, loss_fn, shared: bool) -> float:
+    from firempo_kernels.integrations.forward import compute_firempo_loss
+
+    out = compute_firempo_loss(policy, reference, batch, loss_fn, shared_prefix=shared)
+    out.loss.backward()
+    return out.loss.item()
+
+
+def step_authors(policy, reference, batch, loss_fn) -> float:
+    """Full logits at every position of the 8 passes, as a plain implementation of the paper computes them."""
+    from firempo_kernels.integrations.models import get_adapter
+
+    adapter = get_adapter(policy)
+    labels, weights = batch.labels[:, 1:], batch.span_weights[:, 1:]
+    targets = labels.clamp_min(0)[..., None]
+
+    def logits(images):
+        both = {k: torch.cat((v, v)) for k, v in images.items()}
+        return policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **both,
+                      **adapter.extra_inputs(policy, batch.input_ids)).logits[:, :-1].float()
+
+    sums, kls = [], None
+    for images in (batch.images, batch.corrupted_images):
+        log_p = F.log_softmax(logits(images), -1)
+        with torch.no_grad(), policy.disable_adapter():  # the reference: the policy without its adapters
+            log_q = F.log_softmax(logits(images), -1)
+        delta = (weights * (log_p.gather(-1, targets) - log_q.gather(-1, targets))[..., 0]).sum(1)
+        sums.append(delta)
+        if kls is None:  # the token KL on the clean chosen row's span tokens, over the full vocabulary
+            p, q = log_p[0].exp(), log_q[0].exp()
+            forward = (q * (log_q[0] - log_p[0])).sum(-1)
+            reverse = (p * (log_p[0] - log_q[0])).sum(-1)
+            kls = (weights[0] * (loss_fn.lambda_ * forward + (1 - loss_fn.lambda_) * reverse)).sum()
+    (clean_c, clean_r), (corr_c, corr_r) = sums
+    rank = -F.logsigmoid(loss_fn.beta * (clean_c - clean_r))
+    visual = -loss_fn.gamma * F.logsigmoid(loss_fn.beta * (corr_r - corr_c))
+    loss = rank + visual + loss_fn.alpha * kls
+    loss.backward()
+    return loss.item()
+
+
+def run_step(method: str, policy, reference, batch, loss_fn) -> float:
+    policy.zero_grad(set_to_none=True)
+    if method == "authors":
+        return step_authors(policy, reference, batch, loss_fn)
+    return step_ours(policy, reference, batch, loss_fn, shared=method == "packed")
+
+
+def child(method: str, prefix: int, answer: int) -> dict:
+    """Peak extra memory of one step of ``method`` (run in a fresh process)."""
+    from benchmarks.harness import CpuMemory, _Glibc
+
+    glibc = _Glibc()
+    glibc.tight()
+    policy, reference, batch, loss_fn = build(prefix, answer)
+    run_step(method, policy, reference, batch, loss_fn)  # warm-up
+    policy.zero_grad(set_to_none=True)
+    memory = CpuMemory()
+    memory.start()
+    value = run_step(method, policy, reference, batch, loss_fn)
+    return {"peak_extra_mib": memory.peak_extra_mib(), "loss": value}
+
+
+def measure(prefixes, answer: int, reps: int, authors_max_prefix: int) -> list[dict]:
+    from benchmarks.harness import _Glibc
+
+    # glibc's steady state of a long-running process (benchmarks/harness.py): the authors' style frees
+    # gigabytes each step, and without it the next method's step pays for faulting its buffers back in.
+    _Glibc().steady()
+    rows = []
+    for prefix in prefixes:
+        record = {"prefix": prefix, "answer": answer}
+        methods = [m for m in METHODS if m != "authors" or prefix <= authors_max_prefix]
+        for method in methods:
+            proc = subprocess.run([sys.executable, __file__, "--child", method, "--prefix", str(prefix),
+                                   "--answer", str(answer)], capture_output=True, text=True, env=_env())
+            if proc.returncode != 0:
+                raise RuntimeError(f"{method} at prefix {prefix}: {proc.stderr[-2000:]}")
+            record[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+        policy, reference, batch, loss_fn = build(prefix, answer)
+        times: dict[str, list[float]] = {m: [] for m in methods}
+        for method in methods:
+            run_step(method, policy, reference, batch, loss_fn)  # warm-up
+        for _ in range(reps):
+            for method in methods:
+                t0 = time.perf_counter()
+                run_step(method, policy, reference, batch, loss_fn)
+                times[method].append(time.perf_counter() - t0)
+        for method in methods:
+            record[method]["seconds"] = statistics.median(times[method])
+        record["load"] = os.getloadavg()[0]
+        rows.append(record)
+        print(json.dumps(record), flush=True)
+    return rows
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def write(rows: list[dict], out: Path, reps: int) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step.json").write_text(json.dumps(rows, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for method, color in zip(METHODS, ("C0", "C1", "C3")):
+        done = [r for r in rows if method in r]
+        ax_t.plot([r["prefix"] for r in done], [r[method]["seconds"] for r in done], "o-", color=color, label=method)
+        ax_m.plot([r["prefix"] for r in done], [r[method]["peak_extra_mib"] for r in done], "o-", color=color,
+                  label=method)
+    for ax, label in ((ax_t, "step time, s"), (ax_m, "peak extra memory, MiB")):
+        ax.set_xlabel("prefix tokens (image + question)")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    ax_m.set_yscale("log")
+    ax_t.legend()
+    fig.suptitle(f"one FiRe-MPO step, Qwen2.5-VL (d {HIDDEN}, {LAYERS} layers, V {VOCAB}), {rows[0]['answer']}-token answers")
+    fig.tight_layout()
+    fig.savefig(out / "step_vs_prefix.png", dpi=110)
+    plt.close(fig)
+
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, fp32, {date}; "
+        f"`{' '.join(['.venv/bin/python', 'benchmarks/bench_step.py'] + sys.argv[1:])}`; median of {reps} steps, "
+        f"load average {min(r['load'] for r in rows):.1f}-{max(r['load'] for r in rows):.1f}.",
+        "",
+        "| prefix | answers | packed | unpacked | authors' style | packed / unpacked time | packed / authors time "
+        "| peak: packed | unpacked | authors' style |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        p, u, a = r["packed"], r["unpacked"], r.get("authors")
+        a_time = f"{a['seconds']:.2f} s" if a else "not run"
+        a_ratio = f"{p['seconds'] / a['seconds']:.3f}x" if a else "-"
+        a_peak = f"{a['peak_extra_mib']:,.0f} MiB" if a else "not run"
+        lines.append(
+            f"| {r['prefix']} | {r['answer']} | {p['seconds']:.2f} s | {u['seconds']:.2f} s | {a_time} "
+            f"| {p['seconds'] / u['seconds']:.2f}x | {a_ratio} "
+            f"| {p['peak_extra_mib']:,.0f} MiB | {u['peak_extra_mib']:,.0f} MiB | {a_peak} |")
+    agree = max(abs(r[m]["loss"] - r["unpacked"]["loss"]) / abs(r["unpacked"]["loss"])
+                for r in rows for m in METHODS if m in r)
+    lines += ["", f"The methods' losses agree to {agree:.1e} relative (the same objective). "
+                  "Plot: `benchmarks/report/step_vs_prefix.png`."]
+    text = "\n".join(lines)
+    content = RESULTS_MD.read_text(encoding="utf-8")
+    if BEGIN in content:
+        before, rest = content.split(BEGIN, 1)
+        _, after = rest.split(END, 1)
+        RESULTS_MD.write_text(f"{before}{BEGIN}\n{text}\n{END}{after}", encoding="utf-8")
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prefix", type=int, nargs="+", default=[128, 256, 512, 1024])
+    ap.add_argument("--answer", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--authors-max-prefix", type=int, default=512)
+    ap.add_argument("--out", default=str(HERE / "report"))
+    ap.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(_env()["OMP_NUM_THREADS"]))
+    if args.child:
+        print(json.dumps(child(args.child, args.prefix[0], args.answer)))
+        return 0
+    rows = measure(args.prefix, args.answer, args.reps, args.authors_max_prefix)
+    print(write(rows, Path(args.out), args.reps))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""One prefix, two responses: the chosen and rejected rows of an example share their image-and-question
+forward (docs/design.md section 6).
+
+Per example, the two rows are the same prompt (image tokens and question, hundreds to thousands of tokens for
+Qwen-VL at medical image sizes) followed by answers that differ in a phrase. The packed row is
+
+    [ prompt (P) | chosen response (Rc) | rejected response (Rr) ]
+
+under a mask where the prompt is causal, the chosen tokens see the prompt and the earlier chosen tokens, and
+the rejected tokens see the prompt and the earlier rejected tokens (never the chosen ones). Positions are the
+ones each token has in its own unpacked row, taken from the model itself (plain RoPE: 0, 1, ...; Qwen-VL's
+M-RoPE: its ``get_rope_index``), so the rejected response continues from the prompt as it would alone. Every
+token then sees exactly the keys, values and positions it sees unpacked, and its hidden state is the same
+up to the rounding of another summation order, with the prompt (and the vision tower) run once, not twice.
+
+The mask is 4-D (boolean for ``sdpa``, additive float for ``eager``), which transformers passes through
+unchanged, or the same rule as a flex-attention BlockMask; flash-attn's kernels take
+neither and fall back to the unpacked forward (:func:`can_pack`). Rows that share nothing still pack correctly (each response then sees
+only itself).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from .batch import PreferenceBatch
+
+__all__ = ["PACKED_ATTENTION", "PackedLayout", "pack_layout", "attention_implementation", "can_pack",
+           "packed_hidden_states"]
+
+logger = logging.getLogger(__name__)
+
+#: Attention implementations that take the packed mask: a 4-D additive tensor (sdpa, eager) or a BlockMask
+#: (flex attention).
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        logger.warning(message)
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention implementation of the language model inside ``model``."""
+    from .models import unwrap_model
+
+    config = unwrap_model(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Where each token of the 2B unpacked rows sits in the B packed rows.
+
+    Attributes:
+        input_ids: [B, L] packed tokens (prompt, chosen, rejected, right padding).
+        segment: [B, L] int64: 0 prompt, 1 chosen, 2 rejected, -1 padding.
+        source: [B, L] int64: the column of the unpacked row each packed token comes from (its chosen row for
+            the prompt and the chosen response, its rejected row for the rejected response).
+        from_rejected: [B, L] bool: whether ``source`` indexes the rejected row.
+        unpacked_index: [2B, T] int64: for each unpacked (row, column), the packed column holding it (prompt
+            columns of a rejected row point at the shared prompt); padding points at column 0.
+    """
+
+    input_ids: torch.Tensor
+    segment: torch.Tensor
+    source: torch.Tensor
+    from_rejected: torch.Tensor
+    unpacked_index: torch.Tensor
+
+
+def pack_layout(batch: PreferenceBatch) -> PackedLayout:
+    """The packed layout of ``batch``. The shared part of an example's two rows is their longest common
+    prefix: the prompt, and the first response tokens too where the answers begin alike (their hidden states
+    are the same in both rows, as each sees the same tokens at the same positions)."""
+    ids, mask = batch.input_ids, batch.attention_mask.bool()
+    b, t = batch.num_examples, ids.shape[1]
+    lengths = mask.sum(1)
+    differ = ~((ids[:b] == ids[b:]) & mask[:b] & mask[b:])
+    prefix = torch.where(differ.any(1), differ.int().argmax(1), t)
+    prefix = torch.minimum(prefix, torch.minimum(lengths[:b], lengths[b:]))
+    chosen_len, rejected_len = lengths[:b] - prefix, lengths[b:] - prefix
+    packed_len = prefix + chosen_len + rejected_len
+    width = int(packed_len.max())
+    pos = torch.arange(width, device=ids.device)[None, :].expand(b, width)
+    p, rc = prefix[:, None], chosen_len[:, None]
+    segment = torch.full((b, width), -1, dtype=torch.int64, device=ids.device)
+    segment[pos < p] = 0
+    segment[(pos >= p) & (pos < p + rc)] = 1
+    segment[(pos >= p + rc) & (pos < packed_len[:, None])] = 2
+    from_rejected = segment == 2
+    source = torch.where(from_rejected, pos - rc, pos).clamp(0, t - 1)
+    source = torch.where(segment < 0, 0, source)
+    rows = torch.arange(b, device=ids.device)[:, None]
+    packed_ids = torch.where(from_rejected, ids[b:][rows, source], ids[:b][rows, source])
+    # Padding repeats each row's last token (its EOS): never an image placeholder, which the vision merge
+    # would count against the image features.
+    last = ids[:b].gather(1, (lengths[:b] - 1).clamp_min(0)[:, None])
+    packed_ids = torch.where(segment < 0, last.expand(b, width), packed_ids)
+
+    col = torch.arange(t, device=ids.device)[None, :]
+    chosen_index = torch.where(col < lengths[:b, None], col, 0)
+    rejected_index = torch.where(col < p, col, col + rc)
+    rejected_index = torch.where(col < lengths[b:, None], rejected_index, 0)
+    return PackedLayout(packed_ids, segment, source, from_rejected, torch.cat((chosen_index, rejected_index)))
+
+
+def packed_mask(layout: PackedLayout, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, 1, L, L]: True where a query may attend a key (``dtype`` None, the form sdpa takes), or the additive
+    form eager attention adds to its scores: 0 there, the dtype's lowest value elsewhere."""
+    seg = layout.segment
+    q, k = seg[:, :, None], seg[:, None, :]
+    width = seg.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(width, dtype=torch.bool, device=seg.device) & (q < 0)  # padding sees itself: no empty row
+    if dtype is None:
+        return allowed[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def packed_block_mask(layout: PackedLayout):
+    """The same mask as :func:`packed_mask`, as flex attention's BlockMask (blocks no query sees are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    seg = layout.segment
+    b, width = seg.shape
+
+    def allowed(batch, head, q, k):
+        sq, sk = seg[batch, q], seg[batch, k]
+        return ((k <= q) & (sk >= 0) & ((sk == 0) | (sk == sq))) | ((q == k) & (sq < 0))
+
+    return create_block_mask(allowed, B=b, H=None, Q_LEN=width, KV_LEN=width, device=seg.device)
+
+
+def can_pack(model: nn.Module) -> bool:
+    """Whether ``model``'s attention takes the packed mask; if not, said once in the log."""
+    attn = attention_implementation(model)
+    if attn not in PACKED_ATTENTION:
+        _say_once(f"shared_prefix: attention implementation {attn!r} cannot take the packed mask (it needs one of "
+                  f"{PACKED_ATTENTION}); running both rows in full")
+        return False
+    return True
+
+
+def packed_hidden_states(
+    adapter, model: nn.Module, batch: PreferenceBatch, images: Mapping[str, torch.Tensor],
+    layout: PackedLayout | None = None,
+) -> torch.Tensor:
+    """[2B, T, d]: the hidden states of the unpacked rows (chosen rows, then rejected rows) from one packed
+    forward of B rows with the vision inputs of the B examples once each."""
+    layout = pack_layout(batch) if layout is None else layout
+    b = batch.num_examples
+    both = {key: torch.cat((value, value)) for key, value in images.items()}
+    unpacked_positions = adapter.position_ids(model, batch.input_ids, batch.attention_mask, both)  # [..., 2B, T]
+    rows = torch.arange(b, device=layout.source.device)[:, None]
+    chosen_pos, rejected_pos = unpacked_positions[..., :b, :], unpacked_positions[..., b:, :]
+    positions = torch.where(layout.from_rejected, rejected_pos[..., rows, layout.source],
+                            chosen_pos[..., rows, layout.source])
+    attn = attention_implementation(model)
+    if attn == "flex_attention":
+        mask = packed_block_mask(layout)
+    elif attn == "sdpa":  # a boolean mask, as transformers builds for sdpa: right whatever dtype autocast picks
+        mask = packed_mask(layout)
+    else:
+        dtype = next(p.dtype for p in adapter.backbone(model).parameters() if p.is_floating_point())
+        mask = packed_mask(layout, dtype)
+    hidden = adapter.hidden_states(model, layout.input_ids, mask, images, position_ids=positions)
+    packed_rows = torch.cat((torch.arange(b), torch.arange(b))).to(hidden.device)[:, None]
+    return hidden[packed_rows, layout.unpacked_index]
