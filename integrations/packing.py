@@ -61,13 +61,14 @@ class PackedLayout:
     """Where each token of the 2B unpacked rows sits in the B packed rows.
 
     Attributes:
-        input_ids: [B, L] packed tokens (prompt, chosen, rejected, right padding).
-        segment: [B, L] int64: 0 prompt, 1 chosen, 2 rejected, -1 padding.
+        input_ids: [B, L] packed tokens (shared prefix, rest of the chosen row, rest of the rejected row, right
+            padding).
+        segment: [B, L] int64: 0 shared prefix, 1 chosen, 2 rejected, -1 padding.
         source: [B, L] int64: the column of the unpacked row each packed token comes from (its chosen row for
-            the prompt and the chosen response, its rejected row for the rejected response).
+            the prefix and the chosen tokens, its rejected row for the rejected tokens).
         from_rejected: [B, L] bool: whether ``source`` indexes the rejected row.
-        unpacked_index: [2B, T] int64: for each unpacked (row, column), the packed column holding it (prompt
-            columns of a rejected row point at the shared prompt); padding points at column 0.
+        unpacked_index: [2B, T] int64: for each unpacked (row, column), the packed column holding it (prefix
+            columns of a rejected row point at the shared prefix); padding points at column 0.
     """
 
     input_ids: torch.Tensor
