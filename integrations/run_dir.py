@@ -3,9 +3,10 @@
 - A new run into a folder that already holds one is refused (its checkpoints would be rotated away by the
   new run's ``save_total_limit``, its ``trainer_state.json`` replaced): continue it with
   ``training.resume_from=latest``, or start over with ``training.overwrite_output_dir=true``.
-- The run config is recorded in the folder (``firempo_run.json``); a resume compares it key by key and
-  refuses changes that would make the continued run another one (learning rate, batch size, loss, data),
-  naming them; the keys in :data:`SAFE_ON_RESUME` may change.
+- The run config is recorded in the folder (``firempo_run.json``), with a digest of the record file; a resume
+  compares them key by key and refuses changes that would make the continued run another one (learning
+  rate, batch size, loss, data, the records in the data file), naming them; the keys in
+  :data:`SAFE_ON_RESUME` may change.
 - ``resume_from=latest`` takes the newest *complete* checkpoint: a checkpoint cut short by a crash (no
   readable ``trainer_state.json``, no weights) is passed over, saying so. DeepSpeed's ``latest`` tag must name
   a folder inside the checkpoint.
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -74,10 +76,28 @@ def check_new_run(run: RunConfig, *, is_main: bool, log: Callable[[str], None]) 
             shutil.rmtree(target) if target.is_dir() else target.unlink()
 
 
+_DATA_CONTENTS = "data.path contents"
+
+
+def _record(run: RunConfig) -> dict[str, Any]:
+    """The run config, plus a digest of the record file when the data come from one: the same path with
+    other records in it is other data."""
+    record = run.to_dict()
+    if run.data.source() == "path":
+        path = Path(run.resolve_path(run.data.path))
+        if path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            record[_DATA_CONTENTS] = f"sha256:{digest.hexdigest()[:16]}"
+    return record
+
+
 def record_run(run: RunConfig) -> None:
     """Write the run config into the output folder (main process; replaced whole)."""
     with atomic_write(Path(run.training.output_dir) / RUN_RECORD) as f:
-        json.dump(run.to_dict(), f, indent=1, sort_keys=True)
+        json.dump(_record(run), f, indent=1, sort_keys=True)
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -102,7 +122,7 @@ def check_resume(run: RunConfig, checkpoint: Path, log: Callable[[str], None]) -
         before = _flat(json.loads(recorded.read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
         raise ValueError(f"resume: {recorded} is unreadable ({e}); restore it or remove it to resume unchecked") from None
-    now = _flat(run.to_dict())
+    now = _flat(_record(run))
     changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
     unsafe = {k: v for k, v in changed.items() if k not in SAFE_ON_RESUME}
     if unsafe:

@@ -258,3 +258,20 @@ def test_the_probe_sweep_finds_nothing_silent_crashing_or_lost_and_the_documente
     assert not bad
     doc = (Path(__file__).resolve().parents[1] / "docs" / "reliability.md").read_text()
     assert probe_reliability.table(results) in doc, "rerun: python tests/probe_reliability.py --write"
+
+
+def test_resume_after_the_data_file_changed_under_the_same_path_is_refused(tmp_path):
+    from firempo_kernels.integrations.run_config import run_config_from_dict
+    from firempo_kernels.integrations.run_dir import check_resume, record_run
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"id": "a"}\n')
+    out = tmp_path / "run"
+    run = run_config_from_dict({"model": {"tiny": "llava"}, "data": {"path": str(data)},
+                                "training": {"output_dir": str(out)}}, tmp_path)
+    record_run(run)
+    (out / "checkpoint-1").mkdir()
+    check_resume(run, out / "checkpoint-1", print)  # unchanged: accepted
+    data.write_text('{"id": "a"}\n{"id": "b"}\n')
+    with pytest.raises(ValueError, match="data.path contents: 'sha256:"):
+        check_resume(run, out / "checkpoint-1", print)
