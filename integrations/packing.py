@@ -14,8 +14,8 @@ token then sees exactly the keys, values and positions it sees unpacked, and its
 up to the rounding of another summation order, with the prompt (and the vision tower) run once, not twice.
 
 The mask is 4-D (boolean for ``sdpa``, additive float for ``eager``), which transformers passes through
-unchanged, or the same rule as a flex-attention BlockMask; flash-attn's kernels take
-neither and fall back to the unpacked forward (:func:`can_pack`). Rows that share nothing still pack correctly (each response then sees
+unchanged; other attention implementations (flash-attn, flex attention) run the unpacked forward
+(:func:`can_pack`). Rows that share nothing still pack correctly (each response then sees
 only itself).
 """
 
@@ -35,9 +35,10 @@ __all__ = ["PACKED_ATTENTION", "PackedLayout", "pack_layout", "attention_impleme
 
 logger = logging.getLogger(__name__)
 
-#: Attention implementations that take the packed mask: a 4-D additive tensor (sdpa, eager) or a BlockMask
-#: (flex attention).
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+#: Attention implementations that take the packed 4-D mask. Flex attention could take the same rule as a
+#: BlockMask, but on the CPU its compiled kernel gave NaN rows now and then for these masks: it runs unpacked
+#: until that is understood on a GPU.
+PACKED_ATTENTION = ("sdpa", "eager")
 _SAID: set[str] = set()
 
 
@@ -129,20 +130,6 @@ def packed_mask(layout: PackedLayout, dtype: torch.dtype | None = None) -> torch
         ~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def packed_block_mask(layout: PackedLayout):
-    """The same mask as :func:`packed_mask`, as flex attention's BlockMask (blocks no query sees are skipped)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    seg = layout.segment
-    b, width = seg.shape
-
-    def allowed(batch, head, q, k):
-        sq, sk = seg[batch, q], seg[batch, k]
-        return ((k <= q) & (sk >= 0) & ((sk == 0) | (sk == sq))) | ((q == k) & (sq < 0))
-
-    return create_block_mask(allowed, B=b, H=None, Q_LEN=width, KV_LEN=width, device=seg.device)
-
-
 def can_pack(model: nn.Module) -> bool:
     """Whether ``model``'s attention takes the packed mask; if not, said once in the log."""
     attn = attention_implementation(model)
@@ -167,10 +154,7 @@ def packed_hidden_states(
     chosen_pos, rejected_pos = unpacked_positions[..., :b, :], unpacked_positions[..., b:, :]
     positions = torch.where(layout.from_rejected, rejected_pos[..., rows, layout.source],
                             chosen_pos[..., rows, layout.source])
-    attn = attention_implementation(model)
-    if attn == "flex_attention":
-        mask = packed_block_mask(layout)
-    elif attn == "sdpa":  # a boolean mask, as transformers builds for sdpa: right whatever dtype autocast picks
+    if attention_implementation(model) == "sdpa":  # a boolean mask, as transformers builds for sdpa: right whatever dtype autocast picks
         mask = packed_mask(layout)
     else:
         dtype = next(p.dtype for p in adapter.backbone(model).parameters() if p.is_floating_point())

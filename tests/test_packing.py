@@ -54,19 +54,6 @@ def test_packed_hidden_states_equal_unpacked_at_every_position(family, attn):
     assert (layout.segment == 0).sum() > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "llava"])  # transformers runs Qwen-VL without flex attention
-def test_flex_attention_takes_the_packed_mask_as_a_block_mask(family):
-    seed = int(torch.randint(0, 2**20, ()))
-    flex = tiny_model(family, seed=seed, attn_implementation="flex_attention")
-    eager = tiny_model(family, seed=seed, attn_implementation="eager")
-    batch = mixed_batch(family, seed)
-    with torch.no_grad():
-        packed = block_hidden_states(get_adapter(flex), flex, batch, False, shared_prefix=True)
-        unpacked = block_hidden_states(get_adapter(eager), eager, batch, False, shared_prefix=False)
-    real = batch.attention_mask[:, :-1].bool()
-    assert (packed - unpacked)[real].abs().max() <= 1e-5
-
-
 def test_rows_that_share_nothing_pack_too():
     model = tiny_model("llama", attn_implementation="eager")
 
