@@ -28,7 +28,6 @@ the model adapter, so a batch never carries them. A text-only model has empty vi
 from __future__ import annotations
 
 import hashlib
-
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +90,16 @@ def _check_labels_and_weights(where: str, prefix: str, ids, labels, weights, ign
         )
 
 
+def update_digest(digest, tensor: torch.Tensor | None) -> None:
+    """Feed ``tensor`` (its dtype, shape and bytes; or None) to a ``hashlib`` digest."""
+    if tensor is None:
+        digest.update(b"none")
+        return
+    t = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+
 @dataclass
 class PreferenceExample:
     """One preference pair, tokenised, before padding (what a dataset yields).
@@ -125,9 +134,7 @@ class PreferenceExample:
             tensors += [images[k] for k in sorted(images)]
             digest.update(repr(sorted(images)).encode())
         for t in tensors:
-            t = t.detach().to("cpu").contiguous()
-            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            update_digest(digest, t)
         return digest.hexdigest()
 
     def validate(self, ignore_index: int = -100) -> None:

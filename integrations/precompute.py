@@ -33,11 +33,11 @@ from torch import nn
 
 from firempo_kernels.precomputed_reference import PrecomputedReference
 
-from .batch import PreferenceBatch
+from .batch import PreferenceBatch, update_digest
 from .cli import atomic_write
 from .forward import block_targets
 from .models import get_adapter, unwrap_model
-from .reference import AdaptersDisabledReference, Reference, as_reference, is_peft_model, whole_head
+from .reference import AdaptersDisabledReference, Head, Reference, as_reference, is_peft_model, whole_head
 
 __all__ = ["PrecomputedReferenceStore", "ReferenceShardWriter", "precompute_reference", "STORE_FORMAT"]
 
@@ -153,15 +153,6 @@ def _stable_config(value: Any) -> Any:
     return value
 
 
-def _tensor_digest(digest: Any, tensor: torch.Tensor | None) -> None:
-    if tensor is None:
-        digest.update(b"none")
-        return
-    t = tensor.detach().to("cpu").contiguous()
-    digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-
-
 def reference_fingerprint(model: nn.Module, head: tuple[torch.Tensor, torch.Tensor | None]) -> dict[str, str]:
     """What a store's reference was computed by: the model class, a digest of its config and one of its
     (whole) output head's weights. A store is refused for a reference that differs in any of them; the
@@ -170,14 +161,21 @@ def reference_fingerprint(model: nn.Module, head: tuple[torch.Tensor, torch.Tens
     config = getattr(base, "config", None)
     config_dict = _stable_config(config.to_dict()) if config is not None else {}
     head_digest = hashlib.blake2b(digest_size=16)
-    _tensor_digest(head_digest, head[0])
-    _tensor_digest(head_digest, head[1])
+    update_digest(head_digest, head[0])
+    update_digest(head_digest, head[1])
     return {
         "model_class": type(base).__name__,
         "config": hashlib.blake2b(json.dumps(config_dict, sort_keys=True, default=str).encode(),
                                   digest_size=16).hexdigest(),
         "head": head_digest.hexdigest(),
     }
+
+
+def _reference_source(reference: Reference, model: nn.Module) -> tuple[nn.Module, Head]:
+    """The model that computes ``reference`` (its own, or ``model`` with its adapters off) and the reference
+    head, whole: it is read outside any forward, so a ZeRO-3 partitioned head is gathered into a copy."""
+    head = reference.head(model)
+    return getattr(reference, "model", model), whole_head(head if head is not None else get_adapter(model).head(model))
 
 
 @torch.no_grad()
@@ -230,9 +228,7 @@ def precompute_reference(
     model = reference.model if policy is None and hasattr(reference, "model") else policy
     if model is None:
         raise ValueError("precompute_reference: an AdaptersDisabledReference needs the `policy` it runs")
-    head = reference.head(model)
-    # Scored outside any forward, so a ZeRO-3 partitioned head is gathered into a whole copy first.
-    weight, bias = whole_head(head if head is not None else get_adapter(model).head(model))
+    source, (weight, bias) = _reference_source(reference, model)
     device = torch.device(device) if device is not None else weight.device
     directory = Path(directory)
     writer = ReferenceShardWriter(directory, rank, shard_bytes)
@@ -269,8 +265,7 @@ def precompute_reference(
         "format": STORE_FORMAT, "temperature": float(temperature), "ignore_index": int(ignore_index),
         "keep_hidden": bool(keep_hidden), "include_corrupted": bool(include_corrupted),
         "hidden_size": int(weight.shape[1]), "vocab_size": int(weight.shape[0]),
-        "source": reference_fingerprint(model if reference.mode == "adapters_disabled" else reference.model,
-                                        (weight, bias)),
+        "source": reference_fingerprint(source, (weight, bias)),
     }
     if world_size > 1:
         torch.distributed.barrier()
@@ -328,11 +323,12 @@ class PrecomputedReferenceStore:
         if needs_corrupted and not meta["include_corrupted"]:
             raise ValueError(f"{where}: the loss has gamma > 0 (visual term) but the store has no (v', .) blocks")
 
-    def check_source(self, model: nn.Module, head: tuple[torch.Tensor, torch.Tensor | None]) -> None:
-        """Raise ``ValueError`` naming what differs if the store was not built by this reference model (its
-        class, its config, its head's weights)."""
+    def check_source(self, reference: Reference, model: nn.Module) -> None:
+        """Raise ``ValueError`` naming what differs if the store was not built by the model that computes
+        ``reference`` (run with ``model`` as :func:`precompute_reference` runs it): its class, its config, its
+        head's weights."""
         built = self.metadata.get("source", {})
-        now = reference_fingerprint(model, head)
+        now = reference_fingerprint(*_reference_source(reference, model))
         names = {"model_class": "model class", "config": "model config", "head": "output head weights"}
         differ = [f"{names[k]} ({built.get(k)} when built, {now[k]} now)" for k in now if built.get(k) != now[k]]
         if differ:

@@ -45,7 +45,7 @@ from .batch import PreferenceBatch, PreferenceCollator, PreferenceExample
 from .data.dataset import PromptEncoder, response_row
 from .data.tags import TAG_OPEN, EncodedResponse, SpanAlignmentError, TagError, encode_response
 from .forward import add_firempo_forward, compute_firempo_loss
-from .models import get_adapter, unwrap_model
+from .models import unwrap_model
 from .reference import (
     ADAPTERS_DISABLED,
     AdaptersDisabledReference,
@@ -53,7 +53,6 @@ from .reference import (
     PrecomputedStoreReference,
     Reference,
     is_peft_model,
-    whole_head,
 )
 
 __all__ = ["FiReMPOConfig", "FiReMPOTrainer", "FiReMPOCollator", "REFERENCE_MODES", "PRESETS"]
@@ -454,10 +453,7 @@ class FiReMPOTrainer(DPOTrainer):
                 )
             # The model that would have built it must be the one that did (each example's content is checked
             # when its batch looks the reference up).
-            reference, model = self._live_reference()
-            head = reference.head(model)
-            store.check_source(model if reference.mode == "model" else unwrap_model(model),
-                               whole_head(head if head is not None else get_adapter(model).head(model)))
+            store.check_source(*self._live_reference())
             return
         reference, model = self._live_reference()
         if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for p in unwrap_model(model).parameters()):
