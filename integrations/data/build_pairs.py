@@ -32,7 +32,7 @@ from ._progress import progress
 from .dataset import PromptEncoder, load_image
 from .diff import tag_differences
 from .editors import Editor, load_editor
-from .records import PreferenceRecord, QARecord, as_preference, load_qa_records, write_records
+from .records import PreferenceRecord, QARecord, as_preference, load_qa_records, read_jsonl, write_records
 
 Answerer = Callable[[Sequence[QARecord]], list[str]]
 
@@ -190,28 +190,18 @@ def _read_answers(path: str, records: Sequence[QARecord]) -> list[str]:
         raise FileNotFoundError(f"--answers: no answers file at {path}")
     by_id: dict[str, tuple[str, int]] = {}
     problems: list[str] = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                problems.append(f"line {lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(f"line {lineno}: not valid JSON ({e.msg} at column {e.colno})")
-                continue
-            if not isinstance(obj, dict) or not isinstance(obj.get("answer"), str) or obj.get("id") is None:
-                problems.append(f'line {lineno}: must be {{"id": ..., "answer": "..."}}; got {line.strip()[:120]!r}')
-                continue
-            rid = str(obj["id"])
-            if rid in by_id:
-                problems.append(f"line {lineno}: id {rid!r} already answered on line {by_id[rid][1]}")
-                continue
-            by_id[rid] = (obj["answer"], lineno)
+    for lineno, obj, problem in read_jsonl(path):
+        if problem is not None:
+            problems.append(f"line {lineno}: {problem}")
+            continue
+        if not isinstance(obj, dict) or not isinstance(obj.get("answer"), str) or obj.get("id") is None:
+            problems.append(f'line {lineno}: must be {{"id": ..., "answer": "..."}}; got {json.dumps(obj)[:120]}')
+            continue
+        rid = str(obj["id"])
+        if rid in by_id:
+            problems.append(f"line {lineno}: id {rid!r} already answered on line {by_id[rid][1]}")
+            continue
+        by_id[rid] = (obj["answer"], lineno)
     missing = [r.id for r in records if r.id not in by_id]
     if missing:
         problems.append(f"no answer for {len(missing)} record(s), e.g. {missing[:5]}")

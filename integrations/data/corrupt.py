@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import re
 from dataclasses import replace
@@ -25,7 +24,7 @@ import numpy as np
 
 from ..cli import atomic_write, check_writable_dir, check_writable_file, run_command
 from ._progress import progress
-from .records import QARecord, load_preference_records, load_qa_records, write_records
+from .records import QARecord, load_preference_records, load_qa_records, read_jsonl, write_records
 
 SIGMA_LESION = 45.0
 SIGMA_WHOLE_IMAGE = 12.0
@@ -169,15 +168,10 @@ def corrupt_records(
 
 
 def _is_preference_file(path: str) -> bool:
-    # Undecodable bytes are the loader's to report, with their line number.
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
-        for line in f:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                return "chosen" in obj or "rejected" in obj
+    # Undecodable lines are the loader's to report, with their line numbers.
+    for _, obj, _problem in read_jsonl(path):
+        if isinstance(obj, dict):
+            return "chosen" in obj or "rejected" in obj
     return False
 
 

@@ -34,7 +34,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 from .tags import TagError, count_tags, parse_tags
 
@@ -219,6 +219,26 @@ def _check_record(
     return PreferenceRecord(**common, chosen=chosen, rejected=rejected), errs
 
 
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any, str | None]]:
+    """``(line number, parsed value, None)`` for every non-blank line of a JSONL file, or ``(line number,
+    None, problem)`` for a line that is not UTF-8 text or not JSON, so a reader can report every bad line
+    at once. An editor's byte-order mark before the first line is not part of it."""
+    with open(path, "rb") as f:
+        for lineno, raw_line in enumerate(f, 1):
+            try:
+                line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, None, (f"not UTF-8 text (byte {raw_line[e.start]:#04x} at column {e.start + 1}); "
+                                     "save the file as UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield lineno, None, f"not valid JSON ({e.msg} at column {e.colno})"
+
+
 def _load(
     path: str | os.PathLike, preference: bool, on_error: OnError, check_files: bool
 ) -> list[QARecord]:
@@ -231,34 +251,22 @@ def _load(
     problems: list[RecordProblem] = []
     records: list[QARecord] = []
     seen: dict[str, int] = {}
-    with open(path, "rb") as f:
-        for lineno, raw_line in enumerate(f, 1):
-            try:
-                # utf-8-sig on the first line: an editor's byte-order mark is not part of the record.
-                line = raw_line.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                problems.append(RecordProblem(lineno, None, f"not UTF-8 text (byte {raw_line[e.start]:#04x} at "
-                                                            f"column {e.start + 1}); save the file as UTF-8"))
-                continue
-            if not line.strip():
-                continue
-            try:
-                raw = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append(RecordProblem(lineno, None, f"not valid JSON ({e.msg} at column {e.colno})"))
-                continue
-            rec, errs = _check_record(raw, base, preference, check_files)
-            rid = raw.get("id") if isinstance(raw, dict) else None
-            rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
-            if rid is not None:
-                if rid in seen:
-                    errs = errs + [f"duplicate id (first on line {seen[rid]})"]
-                    rec = None
-                else:
-                    seen[rid] = lineno
-            problems += [RecordProblem(lineno, rid, m) for m in errs]
-            if rec is not None:
-                records.append(rec)
+    for lineno, raw, problem in read_jsonl(path):
+        if problem is not None:
+            problems.append(RecordProblem(lineno, None, problem))
+            continue
+        rec, errs = _check_record(raw, base, preference, check_files)
+        rid = raw.get("id") if isinstance(raw, dict) else None
+        rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+        if rid is not None:
+            if rid in seen:
+                errs = errs + [f"duplicate id (first on line {seen[rid]})"]
+                rec = None
+            else:
+                seen[rid] = lineno
+        problems += [RecordProblem(lineno, rid, m) for m in errs]
+        if rec is not None:
+            records.append(rec)
     if problems:
         err = RecordValidationError(str(path), problems)
         if on_error == "raise":
