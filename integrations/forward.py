@@ -25,7 +25,7 @@ from firempo_kernels.precomputed_reference import PrecomputedReference
 
 from .batch import PreferenceBatch
 from .models import ModelAdapter, get_adapter, unwrap_model
-from .packing import can_pack, pack_layout, packed_hidden_states
+from .packing import can_pack, pack_rows, packed_hidden_states
 
 if TYPE_CHECKING:
     from .reference import Reference
@@ -55,8 +55,8 @@ def block_hidden_states(
     forward (:mod:`.packing`)."""
     passes = [batch.images] + ([batch.corrupted_images] if corrupted else [])
     if shared_prefix and can_pack(model):
-        layout = pack_layout(batch)
-        hidden = [packed_hidden_states(adapter, model, batch, images, layout)[:, :-1] for images in passes]
+        packed = pack_rows(adapter, model, batch, _repeat_for_both_responses(batch.images))
+        hidden = [packed_hidden_states(adapter, model, images, packed)[:, :-1] for images in passes]
     else:
         hidden = [
             adapter.hidden_states(model, batch.input_ids, batch.attention_mask,

@@ -150,8 +150,8 @@ class ModelAdapter:
         Args:
             model: the Hugging Face model (optionally peft/DeepSpeed-wrapped).
             input_ids: [R, T] int64, right-padded.
-            attention_mask: [R, T] 0/1; or a [R, 1, T, T] additive float mask (the packed rows of
-                :mod:`.packing`), with ``position_ids``.
+            attention_mask: [R, T] 0/1; or a [R, 1, T, T] mask (boolean, or additive float for eager
+                attention: the packed rows of :mod:`.packing`), with ``position_ids``.
             images: vision inputs for the image placeholders of these R rows, in row order (e.g.
                 ``pixel_values``, ``image_grid_thw``); empty or None for text only.
             position_ids: the positions (as :meth:`position_ids` gives them), or None: the model's own.

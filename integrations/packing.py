@@ -30,8 +30,8 @@ from torch import nn
 
 from .batch import PreferenceBatch
 
-__all__ = ["PACKED_ATTENTION", "PackedLayout", "pack_layout", "attention_implementation", "can_pack",
-           "packed_hidden_states"]
+__all__ = ["PACKED_ATTENTION", "PackedLayout", "PackedRows", "pack_layout", "pack_rows",
+           "attention_implementation", "can_pack", "packed_hidden_states"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,25 +140,40 @@ def can_pack(model: nn.Module) -> bool:
     return True
 
 
-def packed_hidden_states(
-    adapter, model: nn.Module, batch: PreferenceBatch, images: Mapping[str, torch.Tensor],
-    layout: PackedLayout | None = None,
-) -> torch.Tensor:
-    """[2B, T, d]: the hidden states of the unpacked rows (chosen rows, then rejected rows) from one packed
-    forward of B rows with the vision inputs of the B examples once each."""
-    layout = pack_layout(batch) if layout is None else layout
+@dataclasses.dataclass(frozen=True)
+class PackedRows:
+    """What the packed forwards of one batch share, whichever image kind they run: the layout, each packed
+    token's position and the attention mask."""
+
+    layout: PackedLayout
+    position_ids: torch.Tensor
+    mask: torch.Tensor
+
+
+def pack_rows(adapter, model: nn.Module, batch: PreferenceBatch,
+              row_images: Mapping[str, torch.Tensor]) -> PackedRows:
+    """The packed rows of ``batch`` for ``model``. ``row_images``: the vision inputs of the 2B unpacked rows,
+    which place the image tokens for the model's positions (the same for v and v', which have one size)."""
+    layout = pack_layout(batch)
     b = batch.num_examples
-    both = {key: torch.cat((value, value)) for key, value in images.items()}
-    unpacked_positions = adapter.position_ids(model, batch.input_ids, batch.attention_mask, both)  # [..., 2B, T]
+    unpacked = adapter.position_ids(model, batch.input_ids, batch.attention_mask, row_images)  # [..., 2B, T]
     rows = torch.arange(b, device=layout.source.device)[:, None]
-    chosen_pos, rejected_pos = unpacked_positions[..., :b, :], unpacked_positions[..., b:, :]
-    positions = torch.where(layout.from_rejected, rejected_pos[..., rows, layout.source],
-                            chosen_pos[..., rows, layout.source])
-    if attention_implementation(model) == "sdpa":  # a boolean mask, as transformers builds for sdpa: right whatever dtype autocast picks
-        mask = packed_mask(layout)
+    positions = torch.where(layout.from_rejected, unpacked[..., b:, :][..., rows, layout.source],
+                            unpacked[..., :b, :][..., rows, layout.source])
+    if attention_implementation(model) == "sdpa":
+        mask = packed_mask(layout)  # boolean, as transformers builds for sdpa: right whatever dtype autocast picks
     else:
         dtype = next(p.dtype for p in adapter.backbone(model).parameters() if p.is_floating_point())
         mask = packed_mask(layout, dtype)
-    hidden = adapter.hidden_states(model, layout.input_ids, mask, images, position_ids=positions)
+    return PackedRows(layout, positions, mask)
+
+
+def packed_hidden_states(adapter, model: nn.Module, images: Mapping[str, torch.Tensor],
+                         packed: PackedRows) -> torch.Tensor:
+    """[2B, T, d]: the hidden states of the unpacked rows (chosen rows, then rejected rows) from one packed
+    forward of B rows with the vision inputs of the B examples once each."""
+    layout = packed.layout
+    hidden = adapter.hidden_states(model, layout.input_ids, packed.mask, images, position_ids=packed.position_ids)
+    b = layout.input_ids.shape[0]
     packed_rows = torch.cat((torch.arange(b), torch.arange(b))).to(hidden.device)[:, None]
     return hidden[packed_rows, layout.unpacked_index]

@@ -68,9 +68,9 @@ def test_rows_that_share_nothing_pack_too():
     layout = packing.pack_layout(batch)
     assert (layout.segment == 0).sum() == 0  # nothing in common from the first token on
     with torch.no_grad():
-        unpacked = adapter.hidden_states(model, batch.input_ids, batch.attention_mask)
-        packed = packing.packed_hidden_states(adapter, model, batch, {}, layout)
-    real = batch.attention_mask.bool()
+        unpacked = block_hidden_states(adapter, model, batch, False, shared_prefix=False)
+        packed = block_hidden_states(adapter, model, batch, False, shared_prefix=True)
+    real = batch.attention_mask[:, :-1].bool()
     assert (packed - unpacked)[real].abs().max() <= 1e-5
 
 
