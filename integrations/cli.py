@@ -54,7 +54,7 @@ def check_writable_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what}: {path} is a folder; give a file path")
-    _probe(path.parent if str(path.parent) else Path("."), what)
+    _probe(path.parent, what)
     return path
 
 

@@ -73,7 +73,10 @@ def check_new_run(run: RunConfig, *, is_main: bool, log: Callable[[str], None]) 
         log(f"training.overwrite_output_dir: removing the previous run's {', '.join(found)} from {out}")
         for name in found:
             target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
 
 
 _DATA_CONTENTS = "data.path contents"
@@ -121,7 +124,9 @@ def check_resume(run: RunConfig, checkpoint: Path, log: Callable[[str], None]) -
     try:
         before = _flat(json.loads(recorded.read_text(encoding="utf-8")))
     except (OSError, ValueError) as e:
-        raise ValueError(f"resume: {recorded} is unreadable ({e}); restore it or remove it to resume unchecked") from None
+        raise ValueError(
+            f"resume: {recorded} is unreadable ({e}); restore it or remove it to resume unchecked"
+        ) from None
     now = _flat(_record(run))
     changed = {k: (before.get(k), now.get(k)) for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)}
     unsafe = {k: v for k, v in changed.items() if k not in SAFE_ON_RESUME}
@@ -134,7 +139,8 @@ def check_resume(run: RunConfig, checkpoint: Path, log: Callable[[str], None]) -
         )
     accepted = {k: v for k, v in changed.items() if k not in ("training.resume_from", "training.output_dir")}
     if accepted:
-        note = " (the learning-rate schedule is recomputed for the new length)" if set(accepted) & set(_SCHEDULE) else ""
+        recomputed = set(accepted) & set(_SCHEDULE)
+        note = " (the learning-rate schedule is recomputed for the new length)" if recomputed else ""
         log("resume: accepted changes " + "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in accepted.items()) + note)
 
 

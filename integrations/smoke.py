@@ -10,7 +10,6 @@ any machine before a real model is involved.
 from __future__ import annotations
 
 import contextlib
-
 import re
 from typing import Any
 

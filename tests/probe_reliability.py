@@ -217,7 +217,9 @@ def _(tmp):
 # Records, firempo-corrupt, firempo-build-pairs
 # ---------------------------------------------------------------------------------------------------
 
-def _scans(tmp: Path, n=3, truncated: int | None = None, extra: dict | None = None) -> Path:
+def scan_records(tmp: Path, n=3, truncated: int | None = None, extra: dict | None = None) -> Path:
+    """``qa.jsonl`` in ``tmp``: n question records on random 32 x 32 scans; record ``truncated`` (if any) has
+    an image cut short after its header. ``extra``: more fields for every record."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -226,7 +228,7 @@ def _scans(tmp: Path, n=3, truncated: int | None = None, extra: dict | None = No
         path = tmp / f"scan{i}.png"
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
         if i == truncated:
-            path.write_bytes(path.read_bytes()[:200])
+            path.write_bytes(path.read_bytes()[:200])  # a valid header, pixels cut off
         lines.append(json.dumps({"id": f"r{i}", "image": path.name, "question": "Is there a lesion?", **(extra or {})}))
     data = tmp / "qa.jsonl"
     data.write_text("\n".join(lines) + "\n")
@@ -243,7 +245,7 @@ def _load(path):
 
 def _record_file_probe(name: str, mutate: Callable[[Path], None], *names: str):
     def run(tmp):
-        data = _scans(tmp)
+        data = scan_records(tmp)
         mutate(data)
         return expect_error(lambda: _load(data), *names)
     probe("load_qa_records", name)(run)
@@ -267,7 +269,7 @@ _record_file_probe("bbox outside the image", lambda d: d.write_text(
 
 @probe("load_qa_records", "byte-order mark")
 def _(tmp):
-    data = _scans(tmp)
+    data = scan_records(tmp)
     data.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())
     if [r.id for r in _load(data)] != ["r0", "r1", "r2"]:
         raise Silent("records lost")
@@ -282,7 +284,7 @@ def _corrupt(argv, *a, **k):
 
 @probe("firempo-corrupt", "truncated image with --on-error skip")
 def _(tmp):
-    data = _scans(tmp, truncated=1)
+    data = scan_records(tmp, truncated=1)
     out = tmp / "out.jsonl"
     result = _corrupt(["--data", str(data), "--out", str(out), "--image-dir", str(tmp / "v"), "--on-error", "skip"], 0)
     if [r.id for r in _load(out)] != ["r0", "r2"]:
@@ -292,21 +294,21 @@ def _(tmp):
 
 @probe("firempo-corrupt", "truncated image")
 def _(tmp):
-    data = _scans(tmp, truncated=1)
+    data = scan_records(tmp, truncated=1)
     return _corrupt(["--data", str(data), "--out", str(tmp / "o.jsonl"), "--image-dir", str(tmp / "v")], 2, "r1")
 
 
 @probe("firempo-corrupt", "unwritable --out")
 def _(tmp):
     (tmp / "file").write_text("x")
-    return _corrupt(["--data", str(_scans(tmp)), "--out", str(tmp / "file" / "o.jsonl"), "--image-dir",
+    return _corrupt(["--data", str(scan_records(tmp)), "--out", str(tmp / "file" / "o.jsonl"), "--image-dir",
                      str(tmp / "v")], 2, "--out")
 
 
 @probe("firempo-corrupt", "--image-dir is a file")
 def _(tmp):
     (tmp / "file").write_text("x")
-    return _corrupt(["--data", str(_scans(tmp)), "--out", str(tmp / "o.jsonl"), "--image-dir", str(tmp / "file")],
+    return _corrupt(["--data", str(scan_records(tmp)), "--out", str(tmp / "o.jsonl"), "--image-dir", str(tmp / "file")],
                     2, "--image-dir")
 
 
@@ -318,7 +320,7 @@ def _(tmp):
 
 @probe("firempo-corrupt", "rerun over its own output")
 def _(tmp):
-    data, out = _scans(tmp), tmp / "o.jsonl"
+    data, out = scan_records(tmp), tmp / "o.jsonl"
     argv = ["--data", str(data), "--out", str(out), "--image-dir", str(tmp / "v")]
     _corrupt(argv, 0)
     before = out.read_bytes()
@@ -350,21 +352,21 @@ _QA = {"ground_truth": "No.", "answer_type": "closed", "candidates": ["Yes.", "N
 
 @probe("firempo-build-pairs", "--model folder missing")
 def _(tmp):
-    return _pairs(["--data", str(_scans(tmp, extra=_QA)), "--model", "/nonexistent", "--out", str(tmp / "p.jsonl")],
+    return _pairs(["--data", str(scan_records(tmp, extra=_QA)), "--model", "/nonexistent", "--out", str(tmp / "p.jsonl")],
                   2, "--model")
 
 
 @probe("firempo-build-pairs", "answers file with bad lines")
 def _(tmp):
     answers = _answers(tmp, '{"id": "r0", "answer": "No."}\n{"id": "r1"}\n{"id": "r2", "answer": "Yes.\n')
-    return _pairs(["--data", str(_scans(tmp, extra=_QA)), "--answers", str(answers), "--out", str(tmp / "p.jsonl")],
+    return _pairs(["--data", str(scan_records(tmp, extra=_QA)), "--answers", str(answers), "--out", str(tmp / "p.jsonl")],
                   2, "line 2", "line 3")
 
 
 @probe("firempo-build-pairs", "answers file missing a record")
 def _(tmp):
     answers = _answers(tmp, '{"id": "r0", "answer": "No."}\n{"id": "r1", "answer": "No."}\n')
-    return _pairs(["--data", str(_scans(tmp, extra=_QA)), "--answers", str(answers), "--out", str(tmp / "p.jsonl")],
+    return _pairs(["--data", str(scan_records(tmp, extra=_QA)), "--answers", str(answers), "--out", str(tmp / "p.jsonl")],
                   2, "no answer for 1 record")
 
 
@@ -372,14 +374,14 @@ def _(tmp):
 def _(tmp):
     (tmp / "file").write_text("x")
     answers = _answers(tmp, "".join(json.dumps({"id": f"r{i}", "answer": "Yes."}) + "\n" for i in range(3)))
-    return _pairs(["--data", str(_scans(tmp, extra=_QA)), "--answers", str(answers), "--out",
+    return _pairs(["--data", str(scan_records(tmp, extra=_QA)), "--answers", str(answers), "--out",
                    str(tmp / "file" / "p.jsonl")], 2, "--out")
 
 
 @probe("firempo-build-pairs", "unknown editor")
 def _(tmp):
     answers = _answers(tmp, "".join(json.dumps({"id": f"r{i}", "answer": "Yes."}) + "\n" for i in range(3)))
-    return _pairs(["--data", str(_scans(tmp, extra=_QA)), "--answers", str(answers), "--out", str(tmp / "p.jsonl"),
+    return _pairs(["--data", str(scan_records(tmp, extra=_QA)), "--answers", str(answers), "--out", str(tmp / "p.jsonl"),
                    "--editor", "no_such_module:editor"], 2, "no_such_module")
 
 
@@ -423,25 +425,25 @@ def _(tmp):
     return cli(train.main, ["--config", str(tmp / "none.yaml")], 2, "no run config")
 
 
-@probe("firempo-train", "second run into the same output_dir")
-def _(tmp):
+def _refused_after_a_run(tmp: Path, *extra: str, names: tuple[str, ...]) -> str:
+    """A first run, then a second command into its folder that must be refused and leave the folder as it was."""
     _train(tmp, "run")
     before = _snapshot(tmp / "run")
-    result = _train(tmp, "run", "training.max_steps=1", expect=2, names=("already holds a run",))
+    result = _train(tmp, "run", *extra, expect=2, names=names)
     if _snapshot(tmp / "run") != before:
-        raise DataLost("the refused run changed the folder")
+        raise DataLost("the refused command changed the run's folder")
     return result
+
+
+@probe("firempo-train", "second run into the same output_dir")
+def _(tmp):
+    return _refused_after_a_run(tmp, "training.max_steps=1", names=("already holds a run",))
 
 
 @probe("firempo-train", "resume with a changed learning rate")
 def _(tmp):
-    _train(tmp, "run")
-    before = _snapshot(tmp / "run")
-    result = _train(tmp, "run", "training.resume_from=latest", "training.learning_rate=1", expect=2,
-                    names=("training.learning_rate",))
-    if _snapshot(tmp / "run") != before:
-        raise DataLost("the refused resume changed the folder")
-    return result
+    return _refused_after_a_run(tmp, "training.resume_from=latest", "training.learning_rate=1",
+                                names=("training.learning_rate",))
 
 
 @probe("firempo-train", "resume past a damaged newest checkpoint")

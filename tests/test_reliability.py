@@ -9,9 +9,9 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from probe_reliability import scan_records
 
 from firempo_kernels.integrations import train
 from firempo_kernels.integrations.data import corrupt, build_pairs
@@ -120,28 +120,14 @@ def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, capsy
 
 # 3. Late failures: found up front instead -------------------------------------------------------------
 
-def scans(tmp_path: Path, n: int = 3, truncated: int | None = 1) -> Path:
-    rng = np.random.default_rng(0)
-    lines = []
-    for i in range(n):
-        path = tmp_path / f"scan{i}.png"
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
-        if i == truncated:
-            path.write_bytes(path.read_bytes()[:200])  # a valid header, pixels cut off
-        lines.append(json.dumps({"id": f"r{i}", "image": path.name, "question": "Is there a lesion?"}))
-    data = tmp_path / "qa.jsonl"
-    data.write_text("\n".join(lines) + "\n")
-    return data
-
-
 def test_a_truncated_image_is_found_when_the_records_load(tmp_path):
-    data = scans(tmp_path)
+    data = scan_records(tmp_path, truncated=1)
     with pytest.raises(RecordValidationError, match=r"line 2: record 'r1': `image` is not a readable image"):
         load_qa_records(data)
 
 
 def test_corrupt_skips_a_truncated_image_and_writes_the_rest(tmp_path, capsys):
-    data = scans(tmp_path)
+    data = scan_records(tmp_path, truncated=1)
     out = tmp_path / "out" / "records.jsonl"
     with pytest.warns(UserWarning, match="r1"):
         assert corrupt.main(["--data", str(data), "--out", str(out), "--image-dir", str(tmp_path / "v"),
@@ -150,7 +136,7 @@ def test_corrupt_skips_a_truncated_image_and_writes_the_rest(tmp_path, capsys):
 
 
 def test_unwritable_outputs_are_found_before_the_work(tmp_path, capsys):
-    data = scans(tmp_path, truncated=None)
+    data = scan_records(tmp_path)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     assert corrupt.main(["--data", str(data), "--out", str(blocker / "out.jsonl"),
@@ -180,7 +166,7 @@ def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path):
 # 4. Clear errors ---------------------------------------------------------------------------------------
 
 def test_encoding_problems_are_reported_by_line_and_a_bom_is_accepted(tmp_path):
-    data = scans(tmp_path, truncated=None)
+    data = scan_records(tmp_path)
     lines = data.read_bytes().splitlines(keepends=True)
     latin1 = lines[1].replace(b"lesion", b"l\xe9sion")  # an editor's Latin-1 "é"
     data.write_bytes(b"\xef\xbb\xbf" + lines[0] + latin1 + lines[2])
@@ -203,7 +189,7 @@ def test_an_empty_record_file_is_an_error(tmp_path, capsys):
 
 
 def test_answers_file_errors_cite_their_own_lines(tmp_path, capsys):
-    data = scans(tmp_path, truncated=None)
+    data = scan_records(tmp_path)
     answers = tmp_path / "answers.jsonl"
     answers.write_text('{"id": "r0", "answer": "No."}\n\n{"id": "r1", "answer": 3}\n{"id": "r2", "answer": "Yes.\n')
     assert build_pairs.main(["--data", str(data), "--answers", str(answers), "--out", str(tmp_path / "p.jsonl")]) == 2
@@ -212,7 +198,7 @@ def test_answers_file_errors_cite_their_own_lines(tmp_path, capsys):
 
 
 def test_a_missing_model_folder_is_named(tmp_path, capsys):
-    data = scans(tmp_path, truncated=None)
+    data = scan_records(tmp_path)
     assert build_pairs.main(["--data", str(data), "--model", "/nonexistent", "--out", str(tmp_path / "p.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "--model: no model folder at /nonexistent" in err and "repo id" not in err
@@ -242,9 +228,12 @@ def test_a_deepspeed_latest_tag_pointing_outside_the_checkpoint_is_refused(tmp_p
 
 def test_the_project_never_unpickles_with_weights_only_false():
     root = Path(__file__).resolve().parents[1]
-    sources = [p for d in ("firempo_kernels", "integrations", "csrc_triton", "benchmarks") for p in (root / d).rglob("*.py")]
-    offenders = [str(p) for p in sources if "torch.load(" in (text := p.read_text()) and "weights_only=True" not in text]
-    offenders += [str(p) for p in sources if "pickle.load" in p.read_text()]
+    offenders = []
+    for folder in ("firempo_kernels", "integrations", "csrc_triton", "benchmarks"):
+        for source in (root / folder).rglob("*.py"):
+            text = source.read_text()
+            if ("torch.load(" in text and "weights_only=True" not in text) or "pickle.load" in text:
+                offenders.append(str(source))
     assert not offenders
 
 
