@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate as v
-from .ops import fused_linear_logprobs, fused_linear_token_kl
+from .ops import fused_linear_logprobs, fused_linear_token_kl, token_kl_with_kl_rows
 from .precomputed_reference import PrecomputedReference
 from .span_tokens import BLOCK_NAMES, SpanTokens, gather_rows, gather_span_tokens
 
@@ -228,9 +228,10 @@ def _evaluate_head(fn, hp, tokens, weight, bias, hidden, ref_hidden, ref_weight,
     if not isinstance(ref_hidden, PrecomputedReference):
         # One call for every block: the reference log-prob is needed at every span token anyway, and
         # the KL accumulators come free with it. Only the (v, y+) tokens (leading) get a KL gradient.
-        out = fused_linear_token_kl(
+        out = token_kl_with_kl_rows(
             h, weight, gather_rows(ref_hidden, tokens), ref_weight, tokens.labels,
-            bias=bias, ref_bias=ref_bias, **op_kwargs,
+            int((tokens.rows < tokens.num_examples).sum()) if hp.needs_reference_hidden else 0,
+            bias=bias, ref_bias=ref_bias, fn=fn, **op_kwargs,
         )
         return _SpanTokenValues(out.logp, out.ref_logp, out.kl_forward, out.kl_reverse)
 

@@ -15,7 +15,9 @@ import torch
 from . import _validate as v
 from .backend import resolve_backend
 from .token_stats import (
+    M_S,
     NUM_STATS,
+    Z_S,
     accumulation_dtype,
     chunk_dlogits,
     chunk_logits,
@@ -65,22 +67,37 @@ def chunk_shape(num_tokens: int, vocab: int, device: torch.device, backend: str 
     return n_chunk, v_chunk
 
 
-def _stats_torch(h, w, b, rh, rw, rb, y, inv_tau) -> torch.Tensor:
+def _stats_torch(h, w, b, rh, rw, rb, y, inv_tau, expect_from=None):
+    """Merged statistics [NUM_STATS, n], and with ``expect_from`` (an int) E_p[w] [n - expect_from, d] for
+    the rows from ``expect_from`` on (else None)."""
     n, vocab = h.shape[0], w.shape[0]
     n_chunk, v_chunk = chunk_shape(n, vocab, h.device)
-    stats = h.new_empty((NUM_STATS, n), dtype=accumulation_dtype(h.dtype))
+    acc = accumulation_dtype(h.dtype)
+    stats = h.new_empty((NUM_STATS, n), dtype=acc)
     has_ref = rh is not None
+    expected_w = None if expect_from is None else h.new_empty((n - expect_from, w.shape[1]), dtype=acc)
     for i in range(0, n, n_chunk):
         rows = slice(i, i + n_chunk)
-        running = None
+        # Rows of this chunk that gather E_p[w]: from `expect_from` on, counted from the chunk's start.
+        first = None if expected_w is None or expect_from >= i + n_chunk else max(0, expect_from - i)
+        running = sum_p_w = None
         for j in range(0, vocab, v_chunk):
             cols = slice(j, j + v_chunk)
             s = chunk_logits(h[rows], w[cols], None if b is None else b[cols], inv_tau)
             t = chunk_logits(rh[rows], rw[cols], None if rb is None else rb[cols], inv_tau) if has_ref else None
-            part = chunk_stats(s, t, y[rows] - j)
-            running = part if running is None else merge_partials(torch.stack((running, part)), has_ref)
+            part, part_p_w = chunk_stats(s, t, y[rows] - j, None if first is None else w[cols].to(acc), first or 0)
+            if running is None:
+                running, sum_p_w = part, part_p_w
+                continue
+            merged = merge_partials(torch.stack((running, part)), has_ref)
+            if first is not None:  # both sums brought to the merged maximum of the policy's logits
+                m_old, m_new, m_all = running[M_S, first:], part[M_S, first:], merged[M_S, first:]
+                sum_p_w.mul_(torch.exp(m_old - m_all)[:, None]).add_(part_p_w.mul_(torch.exp(m_new - m_all)[:, None]))
+            running = merged
         stats[:, rows] = running
-    return stats
+        if first is not None:
+            expected_w[i + first - expect_from : i + n_chunk - expect_from] = sum_p_w.div_(running[Z_S, first:, None])
+    return stats, expected_w
 
 
 def _stats_triton(h, w, b, rh, rw, rb, y, inv_tau) -> torch.Tensor:
@@ -108,19 +125,30 @@ class _FusedTokenStats(torch.autograd.Function):
     """Inputs are already validated, compacted to non-ignored rows and 2-D."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau, backend):
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau, backend, kl_rows):
         has_ref = ref_hidden is not None
-        stats_fn = _stats_triton if backend == "triton" else _stats_torch
+        need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
+        # With a frozen head, dh of a row without a KL gradient is g (w_y - E_p[w]): E_p[w] is gathered here
+        # from the probabilities the forward has anyway, so the backward rebuilds no logits for those rows
+        # (docs/design.md section 7). Rows [0, kl_rows) may get a KL gradient and are rebuilt as before.
+        n = hidden.shape[0]
+        frozen_head = backend == "torch" and need_dh and not (need_dw or need_db)
+        expect_from = kl_rows if frozen_head and kl_rows < n else None
+        expected_w = None
         with torch.no_grad():
             if hidden.shape[0] == 0:  # no kernel launch for an empty grid
                 stats = hidden.new_zeros((NUM_STATS, 0), dtype=accumulation_dtype(hidden.dtype))
+            elif backend == "triton":
+                stats = _stats_triton(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau)
             else:
-                stats = stats_fn(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau)
+                stats, expected_w = _stats_torch(
+                    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau, expect_from
+                )
             out = finalize(stats, has_ref)
         ctx.inv_tau, ctx.backend, ctx.has_ref = inv_tau, backend, has_ref
         ctx.save_for_backward(
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
-            out.lse, out.ref_lse, out.expected_diff,
+            out.lse, out.ref_lse, out.expected_diff, expected_w,
         )
         ctx.set_materialize_grads(False)
         if not has_ref:
@@ -130,7 +158,9 @@ class _FusedTokenStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, *grad_rest):
-        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse, ref_lse, e_diff = ctx.saved_tensors
+        hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, lse, ref_lse, e_diff, expected_w = (
+            ctx.saved_tensors
+        )
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         grad_kl_forward, grad_kl_reverse = grad_rest[1:] if ctx.has_ref else (None, None)
         n, vocab = hidden.shape[0], weight.shape[0]
@@ -147,23 +177,37 @@ class _FusedTokenStats(torch.autograd.Function):
             grad_kl_forward, grad_kl_reverse = dense(grad_kl_forward), dense(grad_kl_reverse)
             kl_rows = ((grad_kl_forward != 0) | (grad_kl_reverse != 0)).cpu()
 
+        def cast(grad, like):
+            return None if grad is None else grad.to(like.dtype)
+
+        no_grads = (None,) * 7  # targets, inv_tau, backend, kl_rows and the reference's three
+        dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
+        # Rows [0, rebuilt) get dS from rebuilt logits; the rest, dh from E_p[w]. A KL gradient on a row
+        # without E_p[w]'s KL companions (not promised by the caller) sends every row to the rebuild.
+        rebuilt = n
+        if expected_w is not None:
+            first = n - expected_w.shape[0]
+            if kl_rows is None or not bool(kl_rows[first:].any()):
+                rebuilt = first
+                dh[first:] = weight.index_select(0, targets[first:]).to(acc).sub_(expected_w)
+                dh[first:] *= grad_logp[first:, None] * ctx.inv_tau
+
         triton_path = ctx.backend == "triton"
-        n_chunk, v_chunk = chunk_shape(n, vocab, hidden.device, ctx.backend)
+        n_chunk, v_chunk = chunk_shape(rebuilt, vocab, hidden.device, ctx.backend)
         # With every token in one chunk, each vocabulary slice of dW is a single product: it is written
         # straight into the gradient, in its own dtype, instead of being summed over token chunks in fp32.
         dw_in_one_product = n_chunk >= n
-        dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
         dw = torch.zeros(weight.shape, dtype=weight.dtype if dw_in_one_product else acc,
                          device=weight.device) if need_dw else None
         db = torch.zeros(vocab, dtype=acc, device=weight.device) if need_db else None
-        if n and (need_dh or need_dw or need_db):
+        if rebuilt and (need_dh or need_dw or need_db):
             dlogits = _dlogits_triton if triton_path else chunk_dlogits
             operand_dtype = weight.dtype if triton_path else acc
             for j in range(0, vocab, v_chunk):
                 cols = slice(j, j + v_chunk)
                 w_j = weight[cols].to(operand_dtype)
-                for i in range(0, n, n_chunk):
-                    rows = slice(i, i + n_chunk)
+                for i in range(0, rebuilt, n_chunk):
+                    rows = slice(i, min(i + n_chunk, rebuilt))
                     need_ref = kl_rows is not None and bool(kl_rows[rows].any())
                     ds = dlogits(
                         hidden[rows], weight[cols], None if bias is None else bias[cols],
@@ -187,10 +231,7 @@ class _FusedTokenStats(torch.autograd.Function):
                     if need_db:
                         db[cols] += ds.sum(dim=0, dtype=acc)
 
-        def cast(grad, like):
-            return None if grad is None else grad.to(like.dtype)
-
-        return cast(dh, hidden), cast(dw, weight), cast(db, weight), None, None, None, None, None, None
+        return cast(dh, hidden), cast(dw, weight), cast(db, weight), *no_grads
 
 
 def _flatten_and_compact(hidden, targets, ignore_index, *others):
@@ -213,7 +254,10 @@ def _expand(values: torch.Tensor, index, targets: torch.Tensor) -> torch.Tensor:
     return full.index_copy(0, index, values).reshape(targets.shape)
 
 
-def _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, temperature, ignore_index):
+def _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, temperature, ignore_index,
+         kl_gradient_rows=None):
+    """Validate, compact and apply. ``kl_gradient_rows``: only the first that many positions (of the
+    flattened ``targets``) can receive a KL gradient; None: any of them."""
     v.check_tensor(fn, "targets", targets)
     v.check_head(fn, "weight", weight, "bias", bias)
     v.check_hidden(fn, "hidden", hidden, "weight", weight, targets)
@@ -241,7 +285,13 @@ def _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, te
         ref_bias = ref_bias.detach() if ref_bias is not None else None
 
     (h, rh), y, index = _flatten_and_compact(hidden, targets, ignore_index, ref_hidden)
-    outs = _FusedTokenStats.apply(h, weight, bias, rh, ref_weight, ref_bias, y, inv_tau, backend)
+    if not has_ref:
+        kl_rows = 0
+    elif kl_gradient_rows is None:
+        kl_rows = y.shape[0]
+    else:
+        kl_rows = kl_gradient_rows if index is None else int((index < kl_gradient_rows).sum())
+    outs = _FusedTokenStats.apply(h, weight, bias, rh, ref_weight, ref_bias, y, inv_tau, backend, kl_rows)
     outs = outs if has_ref else (outs,)
     return [_expand(o, index, targets) for o in outs]
 
@@ -306,8 +356,22 @@ def fused_linear_token_kl(
         ``weight`` and ``bias`` (those that require grad) from any mix of ``logp``, ``kl_forward`` and
         ``kl_reverse``; the reference side never gets one and its graph is not kept.
     """
-    fn = "fused_linear_token_kl"
+    return token_kl_with_kl_rows(
+        hidden, weight, ref_hidden, ref_weight, targets, None,
+        bias=bias, ref_bias=ref_bias, temperature=temperature, ignore_index=ignore_index,
+    )
+
+
+def token_kl_with_kl_rows(
+    hidden, weight, ref_hidden, ref_weight, targets, kl_gradient_rows: int | None, *,
+    bias=None, ref_bias=None, temperature=1.0, ignore_index=-100, fn="fused_linear_token_kl",
+) -> TokenKL:
+    """:func:`fused_linear_token_kl` for a caller that knows that only the first ``kl_gradient_rows``
+    positions of the flattened ``targets`` can get a KL gradient (None: any): with a frozen head the
+    forward then gathers the KL's backward terms for those rows only. A KL gradient elsewhere is still
+    right, at the cost of rebuilding the logits in the backward."""
     v.check_tensor(fn, "ref_weight", ref_weight)
     v.check_tensor(fn, "ref_hidden", ref_hidden)
-    outs = _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, temperature, ignore_index)
+    outs = _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, temperature, ignore_index,
+                kl_gradient_rows)
     return TokenKL(*outs)

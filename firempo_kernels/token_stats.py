@@ -28,8 +28,13 @@ def chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_t
     return s.mul_(inv_tau)
 
 
-def chunk_stats(s: torch.Tensor, t: torch.Tensor | None, local_targets: torch.Tensor) -> torch.Tensor:
-    """Statistics ``[NUM_STATS, n]`` of one logits chunk s [n, v] (t [n, v] or None).
+def chunk_stats(
+    s: torch.Tensor, t: torch.Tensor | None, local_targets: torch.Tensor,
+    w: torch.Tensor | None = None, expect_from: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Statistics ``[NUM_STATS, n]`` of one logits chunk s [n, v] (t [n, v] or None), and with head rows
+    ``w`` [v, d] (the logits' dtype) also ``sum_v exp(s_v - m_s) w_v`` [n - expect_from, d] for the rows from
+    ``expect_from`` on: this chunk's share of E_p[w] (docs/design.md section 7); else None.
 
     ``local_targets`` [n] index into this chunk; rows whose target lies outside it get target logit 0.
     ``s`` and ``t`` are consumed: their storage is reused for the exponentials, since chunk-sized
@@ -43,17 +48,19 @@ def chunk_stats(s: torch.Tensor, t: torch.Tensor | None, local_targets: torch.Te
     stats[Y_S] = torch.where(in_chunk, s.gather(1, idx)[:, 0], 0.0)
     stats[M_S] = s.amax(dim=1)
     if t is None:
-        stats[Z_S] = s.sub_(stats[M_S, :, None]).exp_().sum(dim=1)
-        return stats
+        p = s.sub_(stats[M_S, :, None]).exp_()
+        stats[Z_S] = p.sum(dim=1)
+        return stats, None if w is None else p[expect_from:] @ w
     stats[Y_T] = torch.where(in_chunk, t.gather(1, idx)[:, 0], 0.0)
     stats[M_T] = t.amax(dim=1)
     diff = s - t  # s - t, not s and t apart: the KL is a small difference of O(|logit|) terms
     p = s.sub_(stats[M_S, :, None]).exp_()
     q = t.sub_(stats[M_T, :, None]).exp_()
     stats[Z_S], stats[Z_T] = p.sum(dim=1), q.sum(dim=1)
+    sum_p_w = None if w is None else p[expect_from:] @ w
     stats[A_S] = p.mul_(diff).sum(dim=1)
     stats[A_T] = -q.mul_(diff).sum(dim=1)
-    return stats
+    return stats, sum_p_w
 
 
 def merge_partials(partials: torch.Tensor, has_ref: bool) -> torch.Tensor:

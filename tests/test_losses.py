@@ -526,10 +526,13 @@ class HeadSpy:
 
     def __init__(self, monkeypatch):
         self.calls, self.kl_grads = [], {}
-        real_kl, real_logprobs = losses_module.fused_linear_token_kl, losses_module.fused_linear_logprobs
+        real_logprobs = losses_module.fused_linear_logprobs
 
-        def token_kl(hidden, *args, **kwargs):
-            out = real_kl(hidden, *args, **kwargs)
+        def spy_token_kl(real):
+            return lambda hidden, *args, **kwargs: token_kl(real, hidden, *args, **kwargs)
+
+        def token_kl(real, hidden, *args, **kwargs):
+            out = real(hidden, *args, **kwargs)
             self.calls.append(("token_kl", hidden.shape[0]))
             for name in ("kl_forward", "kl_reverse"):
                 tensor = getattr(out, name)
@@ -541,7 +544,8 @@ class HeadSpy:
             self.calls.append(("logprobs", hidden.shape[0]))
             return real_logprobs(hidden, *args, **kwargs)
 
-        monkeypatch.setattr(losses_module, "fused_linear_token_kl", token_kl)
+        for name in ("fused_linear_token_kl", "token_kl_with_kl_rows"):  # precomputed / live reference
+            monkeypatch.setattr(losses_module, name, spy_token_kl(getattr(losses_module, name)))
         monkeypatch.setattr(losses_module, "fused_linear_logprobs", logprobs)
 
 

@@ -334,3 +334,60 @@ def test_triton_backend_runs_the_kernels(monkeypatch):
     monkeypatch.setenv("FIREMPO_BACKEND", "triton")
     check_token_kl(5, 70, 16)
     assert set(calls) == {"token_stats_partials", "token_dlogits"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen head: dh of rows without a KL gradient comes from E_p[w] gathered in the forward (torch path).
+# --------------------------------------------------------------------------------------------------
+def _rebuilt_rows(monkeypatch):
+    """Rows whose logits the backward rebuilds (chunk_dlogits calls), as a list of row counts."""
+    rows = []
+    real = ops.chunk_dlogits
+    monkeypatch.setattr(ops, "chunk_dlogits", lambda h, *a: (rows.append(h.shape[0]), real(h, *a))[1])
+    return rows
+
+
+@pytest.mark.parametrize("kl_gradient_rows", [0, 45, 1000], ids=["none", "leading", "every"])
+@pytest.mark.parametrize("kl_beyond", [False, True], ids=["as-promised", "kl-gradient-beyond-the-promise"])
+def test_frozen_head_expectations(monkeypatch, kl_gradient_rows, kl_beyond):
+    """Across token and vocabulary chunks, with ignored rows compacted away, a frozen bias and a
+    temperature: the gradient equals the float64 one whichever rows get a KL gradient; only the promised
+    rows are rebuilt, and a KL gradient beyond the promise still gets it right (every row rebuilt)."""
+    monkeypatch.setenv("FIREMPO_BACKEND", "torch")
+    monkeypatch.setattr(ops, "_TORCH_CHUNK_ELEMENTS", {"cpu": 1 << 12, "cuda": 1 << 12})
+    monkeypatch.setattr(ops, "_TORCH_VOCAB_CHUNK", 128)
+    rebuilt = _rebuilt_rows(monkeypatch)
+    h, w, rh, rw, y, b, rb = make_inputs(90, 300, 16, bias=True, scale=3.0)
+    y[torch.rand(y.shape) < 0.2] = -100
+    y[:3] = -100
+    h.requires_grad_()
+    out = ops.token_kl_with_kl_rows(h, w, rh, rw, y, kl_gradient_rows, bias=b, ref_bias=rb, temperature=0.8)
+    g_lp, g_f, g_r = upstream(y.shape)
+    promised = torch.arange(90) < kl_gradient_rows
+    if not kl_beyond:
+        g_f, g_r = g_f * promised, g_r * promised
+    ((out.logp * g_lp).sum() + (out.kl_forward * g_f).sum() + (out.kl_reverse * g_r).sum()).backward()
+
+    h64 = h.detach().double().requires_grad_()
+    ref = reference_token_kl(h64, w.double(), y, rh.double(), rw.double(), bias=b.double(), ref_bias=rb.double(),
+                             temperature=0.8)
+    ((ref[0] * g_lp).sum() + (ref[2] * g_f).sum() + (ref[3] * g_r).sum()).backward()
+    for name, got, want in zip(out._fields, out, ref):
+        assert rel_err(got, want) < VALUE_RTOL, name
+    assert rel_err(h.grad, h64.grad) < GRAD_RTOL
+    kept = int((y != -100).sum())
+    promised_kept = int((y[:kl_gradient_rows] != -100).sum())
+    expected = kept if kl_beyond and kl_gradient_rows < 90 else promised_kept
+    assert sum(rebuilt) == expected * 3  # every rebuilt row once per vocabulary chunk (300 = 128 + 128 + 44)
+
+
+def test_frozen_head_logprobs_rebuild_nothing(monkeypatch):
+    monkeypatch.setenv("FIREMPO_BACKEND", "torch")
+    rebuilt = _rebuilt_rows(monkeypatch)
+    h, w, _, _, y, b, _ = make_inputs(40, 3000, 16, bias=True)
+    logp = fk.fused_linear_logprobs(h.requires_grad_(), w, y, bias=b)
+    g = torch.randn(y.shape)
+    (logp * g).sum().backward()
+    h64 = h.detach().double().requires_grad_()
+    (reference_token_kl(h64, w.double(), y, bias=b.double()) * g).sum().backward()
+    assert rel_err(h.grad, h64.grad) < GRAD_RTOL and rebuilt == []
