@@ -43,7 +43,7 @@ setup(
         "hf": ["transformers>=4.57", "pillow", "safetensors", "tokenizers", "trl>=1.16", "datasets>=4.7"],
         "deepspeed": ["deepspeed>=0.16", "pyyaml", "tqdm"],
         "peft": ["peft"],
-        "bench": ["pytest-benchmark", "matplotlib", "liger-kernel"],
+        "bench": ["pytest-benchmark", "matplotlib", "liger-kernel", "cut-cross-entropy"],
         "dev": ["pytest", "pytest-benchmark", "pytest-xdist"],
         # flash-attn ships no wheels on the registry: optional, never needed to import or test.
         "gpu": ["flash-attn"],

@@ -44,6 +44,8 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.report import update_results_md  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- BEGIN GENERATED: benchmarks/bench_step.py -->", "<!-- END GENERATED: benchmarks/bench_step.py -->"
@@ -264,11 +266,7 @@ def write(rows: list[dict], out: Path, reps: int) -> str:
     lines += ["", f"The methods' losses agree to {agree:.1e} relative (the same objective). "
                   "Plot: `benchmarks/report/step_vs_prefix.png`."]
     text = "\n".join(lines)
-    content = RESULTS_MD.read_text(encoding="utf-8")
-    if BEGIN in content:
-        before, rest = content.split(BEGIN, 1)
-        _, after = rest.split(END, 1)
-        RESULTS_MD.write_text(f"{before}{BEGIN}\n{text}\n{END}{after}", encoding="utf-8")
+    update_results_md(RESULTS_MD, text, BEGIN, END)
     return text
 
 

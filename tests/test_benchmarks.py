@@ -39,7 +39,8 @@ def _assert_same(a, b, rtol=1e-5):
 @pytest.mark.parametrize("head", ["trainable", "frozen"])
 @pytest.mark.parametrize("workload", ["logprobs", "token_kl"])
 def test_op_methods_compute_the_same_objective(workload, head):
-    runnable = [m for m in METHODS[workload] if m != "compiled" and not skip_reason(Case(workload, m, **TINY_OP))]
+    runnable = [m for m in METHODS[workload]
+                if "compiled" not in m and not skip_reason(Case(workload, m, head=head, **TINY_OP))]
     assert {"fused", "naive"} <= set(runnable)
     ref = _run(Case(workload, "naive", head=head, **TINY_OP))
     for method in runnable:
@@ -49,10 +50,27 @@ def test_op_methods_compute_the_same_objective(workload, head):
 @pytest.mark.parametrize("head", ["trainable", "frozen"])
 def test_loss_methods_compute_the_same_loss(head):
     ref = _run(Case("loss", "naive", head=head, **TINY_LOSS))
-    for method in ("fused", "naive_masked", "torch_lce"):
+    for method in ("fused", "naive_masked", "torch_lce", "cce", "trl", "liger"):
         case = Case("loss", method, head=head, **TINY_LOSS)
-        if not skip_reason(case):
-            _assert_same(ref, _run(case))
+        assert not skip_reason(case), method
+        _assert_same(ref, _run(case))
+
+
+TINY_DPO = dict(vocab=300, dim=32, batch=2, seq=9)
+
+
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_dpo_methods_compute_the_same_loss(head):
+    ref = _run(Case("dpo", "naive", head=head, **TINY_DPO))
+    for method in METHODS["dpo"]:
+        if "compiled" not in method:
+            _assert_same(ref, _run(Case("dpo", method, head=head, **TINY_DPO)))
+
+
+def test_compiled_liger_matches_naive():
+    """Liger's chunked losses with their chunk step compiled (its default), on the CPU."""
+    for workload, tiny in (("dpo", TINY_DPO), ("token_kl", TINY_OP)):
+        _assert_same(_run(Case(workload, "naive", **tiny)), _run(Case(workload, "liger_compiled", **tiny)))
 
 
 def test_compiled_loss_matches_naive():
@@ -70,22 +88,6 @@ def test_torch_lce_loss_takes_both_paths_of_its_rule():
     _assert_same(_run(Case("loss", "naive", **wide)), _run(Case("loss", "torch_lce", **wide)))
 
 
-class _TorchJSD(torch.nn.Module):
-    """Liger's fused linear JSD at beta 0 / 1 (KL(teacher || student) / KL(student || teacher)), mean over
-    tokens, in plain torch: stands in for the Triton kernel so the packing around it runs on the CPU."""
-
-    def __init__(self, jsd_beta):
-        super().__init__()
-        self.beta = jsd_beta
-
-    def forward(self, h, w, rh, rw, labels):
-        logp = torch.log_softmax(h @ w.T, -1)
-        with torch.no_grad():
-            ref = torch.log_softmax(rh @ rw.T, -1)
-        kl = (ref.exp() * (ref - logp)) if self.beta == 0 else (logp.exp() * (logp - ref))
-        return kl.sum(-1).mean()
-
-
 class _TorchCE(torch.nn.Module):
     """Liger's fused linear cross-entropy with reduction='none', in plain torch."""
 
@@ -97,30 +99,17 @@ class _TorchCE(torch.nn.Module):
         return torch.nn.functional.cross_entropy(h @ w.T, y, reduction="none")
 
 
-def test_liger_op_glue_matches_naive(monkeypatch):
-    pytest.importorskip("liger_kernel")
+def test_liger_log_prob_glue_matches_naive(monkeypatch):
+    """The GPU-only path (Liger's Triton cross-entropy) with a torch stand-in: the glue around it."""
     import liger_kernel.transformers as lt
 
-    monkeypatch.setattr(lt, "LigerFusedLinearJSD", _TorchJSD)
     monkeypatch.setattr(lt, "LigerFusedLinearCrossEntropyLoss", _TorchCE)
-    for workload in ("logprobs", "token_kl"):
-        case = Case(workload, "liger", head="trainable", **TINY_OP)
-        inputs = make_inputs(case)
-        got = _run(case, inputs, workloads._op_step(case, inputs))
-        _assert_same(_run(Case(workload, "naive", head="trainable", **TINY_OP)), got)
-
-
-@pytest.mark.parametrize("head", ["trainable"])
-def test_liger_loss_packing_matches_naive(monkeypatch, head):
-    pytest.importorskip("liger_kernel")
-    import liger_kernel.transformers as lt
-
-    monkeypatch.setattr(lt, "LigerFusedLinearJSD", _TorchJSD)
-    case = Case("loss", "liger", head=head, **TINY_LOSS)
+    case = Case("logprobs", "liger", head="trainable", **TINY_OP)
     inputs = make_inputs(case)
-    got = _run(case, inputs, workloads._liger_loss_step(case, inputs))
-    _assert_same(_run(Case("loss", "naive", head=head, **TINY_LOSS)), got)
-    assert skip_reason(case) is not None  # on the CPU the real one is skipped, with its reason
+    got = _run(case, inputs, workloads._op_step(case, inputs))
+    _assert_same(_run(Case("logprobs", "naive", head="trainable", **TINY_OP)), got)
+
+
 
 
 def test_loss_inputs_have_the_documented_layout():
@@ -189,7 +178,7 @@ def test_fresh_process_peak_memory_sees_the_logits():
 
 
 def test_harness_reports_skips_without_running():
-    rec = report.run_all(report.Profile([report.Section("s", "s", [Case("token_kl", "liger", **TINY_OP)])]),
+    rec = report.run_all(report.Profile([report.Section("s", "s", [Case("logprobs", "liger", **TINY_OP)])]),
                          in_process=True, budget_min=1.0, log=lambda m: None)
     assert rec[0]["status"] == "skipped" and "GPU" in rec[0]["note"]
 
