@@ -12,6 +12,11 @@ Methods, on the same model, reference and batch:
   passes (policy and reference on (v, y+), (v, y-), (v', y+), (v', y-)), ``log_softmax`` over the vocabulary,
   the same loss.
 
+With ``--dpo``, the DPO preset instead (every answer token weighted, no corrupted image, no KL): ours packed
+(``dpo_packed``) against TRL 1.16's ``DPOTrainer`` step with its fused head (``dpo_trl``: the policy and the
+reference through ``add_fused_lm_head`` as ``DPOTrainer`` patches them, both rows in full, the sigmoid loss of
+its ``_compute_loss``), each on its own copy of the same model; its table is a block of its own.
+
 One example (B = 1) whose prompt is an image (4 placeholder tokens) and text up to ``--prefix`` tokens, and two
 ``--answer``-token answers that differ in a 4-token phrase (the span). The model: Qwen2.5-VL's architecture at
 d = 512, 8 decoder layers, V = 151936; the paper's setting: LoRA (r 8) on every projection of the language
@@ -50,6 +55,11 @@ HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- BEGIN GENERATED: benchmarks/bench_step.py -->", "<!-- END GENERATED: benchmarks/bench_step.py -->"
 METHODS = ("packed", "unpacked", "authors")
+DPO_METHODS = ("dpo_packed", "dpo_trl")
+DPO_BEGIN = "<!-- BEGIN GENERATED: benchmarks/bench_step.py --dpo -->"
+DPO_END = "<!-- END GENERATED: benchmarks/bench_step.py --dpo -->"
+# TRL's DPOTrainer asks its fused head for these (they feed its logits/* and accuracy metrics).
+TRL_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 VOCAB, HIDDEN, LAYERS = 151936, 512, 8
 SPAN = slice(12, 16)  # the answers differ in these 4 tokens
 LORA_TARGETS = r"^(?!.*visual).*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
@@ -144,11 +154,47 @@ def step_authors(policy, reference, batch, loss_fn) -> float:
     return loss.item()
 
 
+def build_dpo(prefix: int, answer: int, method: str, seed: int = 0):
+    """The model and batch of :func:`build` for the DPO preset: every answer token weighted, no v'."""
+    import dataclasses
+
+    from firempo_kernels import FiReMPOLoss
+
+    policy, reference, batch, _ = build(prefix, answer, seed)
+    batch = dataclasses.replace(batch, span_weights=(batch.labels != -100).float(), corrupted_images=None,
+                                has_corrupted_image=None)
+    if method == "dpo_trl":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(policy.get_base_model(), outputs=TRL_HEAD_OUTPUTS)  # as DPOTrainer.__init__ does
+    return policy, reference, batch, FiReMPOLoss.dpo()
+
+
+def step_trl_dpo(policy, batch, loss_fn) -> float:
+    """TRL 1.16 ``DPOTrainer._compute_loss`` (sigmoid loss, reference = adapters disabled) on the same rows:
+    its collator's layout is ours, chosen rows then rejected rows, labels on the completion."""
+    from firempo_kernels.integrations.models import get_adapter
+
+    both = {k: torch.cat((v, v)) for k, v in batch.images.items()}
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False, **both,
+                  **get_adapter(policy).extra_inputs(policy, batch.input_ids))
+    seq_len = batch.labels.shape[1] - 1
+    logps = policy(**inputs, labels=batch.labels, fused_lm_head=True).log_probs[:, -seq_len:].sum(1)
+    with torch.no_grad(), policy.disable_adapter():
+        ref_logps = policy(**inputs, labels=batch.labels, fused_lm_head=True).log_probs[:, -seq_len:].sum(1)
+    ratios = logps - ref_logps
+    loss = -F.logsigmoid(loss_fn.beta * (ratios[0] - ratios[1])).mean()
+    loss.backward()
+    return loss.item()
+
+
 def run_step(method: str, policy, reference, batch, loss_fn) -> float:
     policy.zero_grad(set_to_none=True)
+    if method == "dpo_trl":
+        return step_trl_dpo(policy, batch, loss_fn)
     if method == "authors":
         return step_authors(policy, reference, batch, loss_fn)
-    return step_ours(policy, reference, batch, loss_fn, shared=method == "packed")
+    return step_ours(policy, reference, batch, loss_fn, shared=method in ("packed", "dpo_packed"))
 
 
 def child(method: str, prefix: int, answer: int) -> dict:
@@ -157,7 +203,8 @@ def child(method: str, prefix: int, answer: int) -> dict:
 
     glibc = _Glibc()
     glibc.tight()
-    policy, reference, batch, loss_fn = build(prefix, answer)
+    policy, reference, batch, loss_fn = (build_dpo(prefix, answer, method) if method in DPO_METHODS
+                                         else build(prefix, answer))
     run_step(method, policy, reference, batch, loss_fn)  # warm-up
     policy.zero_grad(set_to_none=True)
     memory = CpuMemory()
@@ -166,7 +213,7 @@ def child(method: str, prefix: int, answer: int) -> dict:
     return {"peak_extra_mib": memory.peak_extra_mib(), "loss": value}
 
 
-def measure(prefixes, answer: int, reps: int, authors_max_prefix: int) -> list[dict]:
+def measure(prefixes, answer: int, reps: int, authors_max_prefix: int, dpo: bool = False) -> list[dict]:
     from benchmarks.harness import _Glibc
 
     # glibc's steady state of a long-running process (benchmarks/harness.py): the authors' style frees
@@ -175,21 +222,26 @@ def measure(prefixes, answer: int, reps: int, authors_max_prefix: int) -> list[d
     rows = []
     for prefix in prefixes:
         record = {"prefix": prefix, "answer": answer}
-        methods = [m for m in METHODS if m != "authors" or prefix <= authors_max_prefix]
+        if dpo:
+            methods = list(DPO_METHODS)
+        else:
+            methods = [m for m in METHODS if m != "authors" or prefix <= authors_max_prefix]
         for method in methods:
             proc = subprocess.run([sys.executable, __file__, "--child", method, "--prefix", str(prefix),
                                    "--answer", str(answer)], capture_output=True, text=True, env=_env())
             if proc.returncode != 0:
                 raise RuntimeError(f"{method} at prefix {prefix}: {proc.stderr[-2000:]}")
             record[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-        policy, reference, batch, loss_fn = build(prefix, answer)
+        # TRL patches the forward of the model it is given: each DPO method gets its own copy.
+        setups = {m: build_dpo(prefix, answer, m) for m in methods} if dpo else dict.fromkeys(
+            methods, build(prefix, answer))
         times: dict[str, list[float]] = {m: [] for m in methods}
         for method in methods:
-            run_step(method, policy, reference, batch, loss_fn)  # warm-up
+            run_step(method, *setups[method])  # warm-up
         for _ in range(reps):
             for method in methods:
                 t0 = time.perf_counter()
-                run_step(method, policy, reference, batch, loss_fn)
+                run_step(method, *setups[method])
                 times[method].append(time.perf_counter() - t0)
         for method in methods:
             record[method]["seconds"] = statistics.median(times[method])
@@ -270,6 +322,30 @@ def write(rows: list[dict], out: Path, reps: int) -> str:
     return text
 
 
+def write_dpo(rows: list[dict], out: Path, reps: int) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "step_dpo.json").write_text(json.dumps(rows, indent=1))
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, fp32, {date}; "
+        f"`{' '.join(['.venv/bin/python', 'benchmarks/bench_step.py'] + sys.argv[1:])}`; median of {reps} steps, "
+        f"load average {min(r['load'] for r in rows):.1f}-{max(r['load'] for r in rows):.1f}.",
+        "",
+        "| prefix | answers | ours (packed) | TRL DPOTrainer step | ours / TRL time | peak: ours | TRL |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        o, t = r["dpo_packed"], r["dpo_trl"]
+        lines.append(f"| {r['prefix']} | {r['answer']} | {o['seconds']:.2f} s | {t['seconds']:.2f} s "
+                     f"| {o['seconds'] / t['seconds']:.2f}x | {o['peak_extra_mib']:,.0f} MiB "
+                     f"| {t['peak_extra_mib']:,.0f} MiB |")
+    agree = max(abs(r["dpo_packed"]["loss"] - r["dpo_trl"]["loss"]) / abs(r["dpo_trl"]["loss"]) for r in rows)
+    lines += ["", f"The two losses agree to {agree:.1e} relative (the same objective)."]
+    text = "\n".join(lines)
+    update_results_md(RESULTS_MD, text, DPO_BEGIN, DPO_END)
+    return text
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prefix", type=int, nargs="+", default=[128, 256, 512, 1024])
@@ -277,14 +353,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--authors-max-prefix", type=int, default=512)
     ap.add_argument("--out", default=str(HERE / "report"))
-    ap.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
+    ap.add_argument("--dpo", action="store_true", help="the DPO preset: ours against TRL's DPOTrainer step")
+    ap.add_argument("--child", choices=METHODS + DPO_METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(int(_env()["OMP_NUM_THREADS"]))
     if args.child:
         print(json.dumps(child(args.child, args.prefix[0], args.answer)))
         return 0
-    rows = measure(args.prefix, args.answer, args.reps, args.authors_max_prefix)
-    print(write(rows, Path(args.out), args.reps))
+    rows = measure(args.prefix, args.answer, args.reps, args.authors_max_prefix, dpo=args.dpo)
+    print((write_dpo if args.dpo else write)(rows, Path(args.out), args.reps))
     return 0
 
 

@@ -433,6 +433,33 @@ def checks_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def peer_summary_table(records: list[dict]) -> str:
+    """One row per suite shape, one column per peer: "fused time / peer time (peer's peak)"; above 1x the peer
+    is faster. The README shows this table."""
+    peers = [m for m in METHOD_COLORS if m != "fused"]
+    lines = ["| workload (V = 32000, d = 512), fused peak | " + " | ".join(peers) + " |",
+             "|---|" + "---:|" * len(peers)]
+    ok = [r for r in records if r.get("status") == "ok"]
+    for workload, head, where in SUITE_SHAPES:
+        rows = [r for r in records if _sel(workload, METHODS[workload], head, **where)(r["case"])]
+        fused = next((r for r in ok if r in rows and r["case"]["method"] == "fused"), None)
+        if fused is None:
+            continue
+        cells = []
+        for peer in peers:
+            rec = next((r for r in rows if r["case"]["method"] == peer), None)
+            if rec is None:
+                cells.append("-")
+            elif rec["status"] != "ok":
+                cells.append(rec["status"])
+            else:
+                cells.append(f"{_ratio(fused['time_ms'], rec['time_ms'])} ({_fmt(rec['peak_extra_mib'])} MiB)")
+        label = Case.from_dict(fused["case"]).shape_label().replace(f" V={fused['case']['vocab']} d=512", "")
+        lines.append(f"| {workload} {label}, head {head}, {_fmt(fused['peak_extra_mib'])} MiB | " + " | ".join(cells)
+                     + " |")
+    return "\n".join(lines)
+
+
 def render(profile: Profile, records: list[dict], machine: dict, command: str) -> str:
     by_case = {Case.from_dict(r["case"]): r for r in records}
     reps = sorted({r["reps"] for r in records if r.get("status") == "ok"})
@@ -458,7 +485,8 @@ def render(profile: Profile, records: list[dict], machine: dict, command: str) -
         if s.note:
             out += ["", s.note]
     if profile.checks:
-        out += ["", "#### Acceptance checks", "", checks_table(evaluate_checks(profile.checks, records))]
+        out += ["", "#### Every peer at the suite's shapes", "", peer_summary_table(records),
+                "", "#### Acceptance checks", "", checks_table(evaluate_checks(profile.checks, records))]
     bad = _disagreements(records)
     if bad:
         out += ["", "Objective values that disagree with the fused method on the same inputs: " + "; ".join(bad)]

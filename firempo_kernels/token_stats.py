@@ -25,7 +25,7 @@ def chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_t
     s = x.to(acc) @ w.to(acc).T
     if b is not None:
         s += b.to(acc)
-    return s.mul_(inv_tau)
+    return s if inv_tau == 1.0 else s.mul_(inv_tau)  # one pass over the chunk saved at the usual temperature
 
 
 def chunk_stats(
@@ -135,4 +135,4 @@ def chunk_dlogits(
         ds.sub_(t.sub_(ref_lse[:, None]).exp_().mul_(grad_kl_forward[:, None]))
     in_chunk = (targets >= 0) & (targets < v)
     ds.scatter_add_(1, targets.clamp(0, v - 1)[:, None], torch.where(in_chunk, grad_logp, 0.0)[:, None])
-    return ds.mul_(inv_tau).to(out_dtype)
+    return (ds if inv_tau == 1.0 else ds.mul_(inv_tau)).to(out_dtype)
