@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS := dev,hf,deepspeed,peft,bench
 
-.PHONY: demo test bench bench-step clean
+.PHONY: demo test bench bench-step bench-step-dpo bench-busy clean
 
 $(STAMP): setup.py requirements/pins.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,12 @@ bench: $(STAMP)
 
 bench-step: $(STAMP)
 	$(PY) benchmarks/bench_step.py
+
+bench-step-dpo: $(STAMP)
+	$(PY) benchmarks/bench_step.py --dpo --prefix 512
+
+bench-busy: $(STAMP)
+	$(PY) benchmarks/busy_check.py
 
 demo: $(STAMP)
 	$(PY) -m firempo_kernels.integrations.demo
