@@ -81,21 +81,23 @@ def _dpo(method, vocab, dim, batch, seq, head, dtype="float32", device="cpu"):
 
 def cpu_profile() -> Profile:
     """The suite's shapes with every peer that runs on a CPU, most important first (a spent time budget
-    leaves the last groups "not run")."""
+    leaves the last groups "not run"). Sized so that every peer, the slowest included (each round of a
+    group runs every method), fits `make bench` in 15 minutes on 2 cores: N = 1024 for the ops, one DPO pair
+    of 512-token rows (2 x 1024 tokens through the head with the reference)."""
     v, d, t = 32000, 512, 512
     ops_methods = {"logprobs": ("fused", "naive", "torch_lce", "cce", "trl", "liger"),
                    "token_kl": ("fused", "naive", "trl", "liger", "liger_compiled")}
     ops = Section(
-        "ops", "Core ops, N = 2048, V = 32000, d = 512, fp32, forward + backward",
-        _ops(("logprobs", "token_kl"), ops_methods, v, d, 2048, ("trainable", "frozen")),
+        "ops", "Core ops, N = 1024, V = 32000, d = 512, fp32, forward + backward",
+        _ops(("logprobs", "token_kl"), ops_methods, v, d, 1024, ("trainable", "frozen")),
         note="torch.compile of the naive op is in the pytest-benchmark suite; it is left out here to keep "
              "`make bench` under 15 minutes.",
     )
     dpo_methods = ("fused", "naive", "compiled", "torch_lce", "cce", "trl", "liger", "liger_compiled")
     dpo = Section(
-        "dpo", "Sequence-level DPO (the dpo preset), B = 2 pairs, T = 512 response tokens per row, V = 32000, "
+        "dpo", "Sequence-level DPO (the dpo preset), B = 1 pair, T = 512 response tokens per row, V = 32000, "
                "d = 512, fp32, forward + backward",
-        [_dpo(m, v, d, 2, t, h) for h in ("trainable", "frozen") for m in dpo_methods],
+        [_dpo(m, v, d, 1, t, h) for h in ("trainable", "frozen") for m in dpo_methods],
     )
     all_loss = ("fused", "naive", "naive_masked", "compiled", "torch_lce", "cce", "trl", "liger", "liger_compiled")
     # VQA answers: a long image + prompt prefix, a short answer, one tagged phrase of 16 tokens per row.
@@ -106,8 +108,8 @@ def cpu_profile() -> Profile:
         [_loss(m, **vqa) for m in all_loss],
     )
     spans = Section(
-        "spans", "Loss step against span tokens per row: B = 2, T = 512, V = 32000, d = 512, head frozen, fp32",
-        [_loss(m, v, d, 2, t, s, max(32, s), "vqa" if s == 16 else f"spans{s}")
+        "spans", "Loss step against span tokens per row: B = 1, T = 512, V = 32000, d = 512, head frozen, fp32",
+        [_loss(m, v, d, 1, t, s, max(32, s), "vqa" if s == 16 else f"spans{s}")
          for s in (4, 16, 64, 256) for m in ("fused", "naive_masked")],
         sweep="spans",
         note="The peers that run the head on span tokens only (naive-masked and those of the loss section) grow "
