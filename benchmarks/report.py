@@ -82,22 +82,23 @@ def _dpo(method, vocab, dim, batch, seq, head, dtype="float32", device="cpu"):
 def cpu_profile() -> Profile:
     """The suite's shapes with every peer that runs on a CPU, most important first (a spent time budget
     leaves the last groups "not run"). Sized so that every peer, the slowest included (each round of a
-    group runs every method), fits `make bench` in 15 minutes on 2 cores: N = 1024 for the ops, one DPO pair
-    of 512-token rows (2 x 1024 tokens through the head with the reference)."""
+    group runs every method, and each method runs 6 steps: 2 in its memory process, 4 timed), fits `make
+    bench` in 15 minutes on 2 cores: N = 512 for the ops, one DPO pair of 256-token rows. TRL's chunked
+    divergence alone takes 13 s a step at N = 1024 here."""
     v, d, t = 32000, 512, 512
     ops_methods = {"logprobs": ("fused", "naive", "torch_lce", "cce", "trl", "liger"),
                    "token_kl": ("fused", "naive", "trl", "liger", "liger_compiled")}
     ops = Section(
-        "ops", "Core ops, N = 1024, V = 32000, d = 512, fp32, forward + backward",
-        _ops(("logprobs", "token_kl"), ops_methods, v, d, 1024, ("trainable", "frozen")),
+        "ops", "Core ops, N = 512, V = 32000, d = 512, fp32, forward + backward",
+        _ops(("logprobs", "token_kl"), ops_methods, v, d, 512, ("trainable", "frozen")),
         note="torch.compile of the naive op is in the pytest-benchmark suite; it is left out here to keep "
              "`make bench` under 15 minutes.",
     )
     dpo_methods = ("fused", "naive", "compiled", "torch_lce", "cce", "trl", "liger", "liger_compiled")
     dpo = Section(
-        "dpo", "Sequence-level DPO (the dpo preset), B = 1 pair, T = 512 response tokens per row, V = 32000, "
+        "dpo", "Sequence-level DPO (the dpo preset), B = 1 pair, T = 256 response tokens per row, V = 32000, "
                "d = 512, fp32, forward + backward",
-        [_dpo(m, v, d, 1, t, h) for h in ("trainable", "frozen") for m in dpo_methods],
+        [_dpo(m, v, d, 1, 256, h) for h in ("trainable", "frozen") for m in dpo_methods],
     )
     all_loss = ("fused", "naive", "naive_masked", "compiled", "torch_lce", "cce", "trl", "liger", "liger_compiled")
     # VQA answers: a long image + prompt prefix, a short answer, one tagged phrase of 16 tokens per row.
@@ -116,12 +117,13 @@ def cpu_profile() -> Profile:
              "with the span count as we do; naive does not depend on it (the loss section's row).",
     )
     vocab = Section(
-        "vocab", "Loss step against vocabulary size, VQA regime: B = 1, T = 512, 16 span tokens per row, d = 512, "
+        "vocab", "Loss step against vocabulary size, VQA regime: B = 1, T = 256, 16 span tokens per row, d = 512, "
                  "head frozen, fp32",
-        [_loss(m, vv, d, 1, t, 16, 32, "vqa") for vv in (8000, 32000, 151936)
+        [_loss(m, vv, d, 1, 256, 16, 32, "vqa") for vv in (8000, 32000, 151936)
          for m in ("fused", "naive", "naive_masked")],
         sweep="vocab",
-        note="B = 1 keeps the naive method's [4 * 512, 151936] fp32 tensors (1.2 GB each) within this machine.",
+        note="B = 1 and T = 256 keep the naive method's [4 * 256, 151936] fp32 tensors (0.6 GB each) within "
+             "this machine and its step within the time budget.",
     )
     return Profile([ops, dpo, loss, spans, vocab], checks=CPU_CHECKS)
 
@@ -178,8 +180,10 @@ def _sel(workload, methods, head="frozen", regime="", vocab=32000, batch=None):
 # The suite's shapes (issue of record: every peer, every shape): fused at or below the fastest peer's time,
 # and at most 10% of the peak of the leanest peer that holds full-vocabulary logits of its tokens.
 PEERS = {w: tuple(m for m in methods if m != "fused") for w, methods in METHODS.items()}
-FULL_LOGITS = {"logprobs": ("naive", "compiled"), "token_kl": ("naive", "compiled"), "dpo": ("naive", "compiled"),
-               "loss": ("naive", "naive_masked", "compiled")}
+# Cut Cross-Entropy's torch_compile implementation (its CPU one) holds [N, V] logits inside its graph, as its
+# peak shows (1.4x an N x V fp32 tensor); its Triton kernels on a GPU do not.
+FULL_LOGITS = {"logprobs": ("naive", "compiled", "cce"), "token_kl": ("naive", "compiled"),
+               "dpo": ("naive", "compiled", "cce"), "loss": ("naive", "naive_masked", "compiled", "cce")}
 SUITE_SHAPES = [(op, head, {}) for op in ("logprobs", "token_kl", "dpo") for head in ("trainable", "frozen")]
 SUITE_SHAPES += [("loss", "frozen", {"regime": "vqa", "batch": 2})]
 
@@ -189,8 +193,10 @@ for _w, _head, _where in SUITE_SHAPES:
     CPU_CHECKS += [
         (f"{_name}: time <= the fastest peer's", _sel(_w, "fused", _head, **_where),
          _sel(_w, PEERS[_w], _head, **_where), "time_ms", 1.0),
-        (f"{_name}: peak <= 10% of the leanest full-logits peer's", _sel(_w, "fused", _head, **_where),
-         _sel(_w, FULL_LOGITS[_w], _head, **_where), "peak_extra_mib", 0.10),
+        # Working memory (peak - the gradients every method returns): with a trained head dW alone is 62.5 MiB,
+        # more than 10% of some full-logits peaks here, and no method can return less.
+        (f"{_name}: working memory <= 10% of the leanest full-logits peer's", _sel(_w, "fused", _head, **_where),
+         _sel(_w, FULL_LOGITS[_w], _head, **_where), "working_mib", 0.10),
     ]
 CPU_CHECKS += [
     ("loss, VQA (16 span tokens/row): peak <= 2% of naive", _sel("loss", "fused", regime="vqa", batch=2),
@@ -576,9 +582,9 @@ def update_results_md(path: Path, block: str, begin: str = BEGIN, end: str = END
 
 
 def write_outputs(profile: Profile, records: list[dict], out_dir: Path, command: str,
-                  results_md: Path | None) -> str:
+                  results_md: Path | None, machine: dict | None = None) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
-    machine = machine_info(records)
+    machine = machine or machine_info(records)
     text = render(profile, records, machine, command)
     plots = []
     for s in profile.sections:
@@ -609,10 +615,12 @@ def main(argv=None) -> int:
     parser.add_argument("--results-md", type=Path, default=RESULTS_MD, help="file whose generated block to replace")
     parser.add_argument("--no-results-md", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--in-process", action="store_true", help="measure in this process (CUDA allocator stats)")
-    parser.add_argument("--budget-min", type=float, default=11.0,
-                        help="start no comparison group after this many minutes (the longest takes 3-4)")
+    parser.add_argument("--budget-min", type=float, default=12.5,
+                        help="start no comparison group after this many minutes (the longest takes 2-3)")
     parser.add_argument("--command", default=COMMAND, help="the command recorded with the numbers")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per case (0: torch's default)")
+    parser.add_argument("--from-results", type=Path, metavar="RESULTS_JSON",
+                        help="measure nothing: render the tables, checks and plots again from a results.json")
     args = parser.parse_args(argv)
 
     profile = PROFILES[args.profile]()
@@ -622,6 +630,16 @@ def main(argv=None) -> int:
             parser.error(f"unknown sections {sorted(unknown)}; have {[s.name for s in profile.sections]}")
         profile.sections = [s for s in profile.sections if s.name in args.only]
     t0 = time.monotonic()
+    if args.from_results:
+        try:
+            saved = json.loads(args.from_results.read_text())
+            records, machine, command = saved["records"], saved["machine"], saved["command"]
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"--from-results: cannot read {args.from_results}: {e}")
+        results_md = None if args.no_results_md else args.results_md
+        write_outputs(profile, records, args.out, command, results_md, machine)
+        print(f"wrote {args.out}/report.md" + (f" and {results_md}" if results_md else ""))
+        return 0
     records = run_all(profile, in_process=args.in_process, budget_min=args.budget_min,
                       log=lambda m: print(m, flush=True), threads=args.threads)
     results_md = None if args.no_results_md else args.results_md

@@ -303,3 +303,23 @@ def test_gpu_check_imports_the_package_from_a_bare_checkout():
                           cwd="/", env=dict(os.environ, PYTHONPATH=""))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "checkout"
+
+
+def test_busy_check_table_and_block(tmp_path, monkeypatch):
+    """The busy-machine table from measured rows, written between its own markers only."""
+    from benchmarks import busy_check
+
+    rows = [{"shape": "dpo", "baseline": "naive", "quiet": {"fused": 120.0, "naive": 100.0},
+             "busy": {"fused": 300.0, "naive": 150.0}}]
+    for r in rows:
+        r["quiet_ratio"] = r["quiet"]["fused"] / r["quiet"]["naive"]
+        r["busy_ratio"] = r["busy"]["fused"] / r["busy"]["naive"]
+        r["change"] = r["busy_ratio"] / r["quiet_ratio"]
+    table = busy_check.render(rows, 5)
+    assert "| dpo | naive | 120 ms | 100 ms | 1.20x | 300 ms | 150 ms | 2.00x | 1.67 | NO |" in table
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text(f"intro\n{report.BEGIN}\nsuite\n{report.END}\nnotes\n")
+    report.update_results_md(results_md, table, busy_check.BEGIN, busy_check.END)
+    report.update_results_md(results_md, table, busy_check.BEGIN, busy_check.END)  # replaced, not appended
+    text = results_md.read_text()
+    assert text.count(busy_check.BEGIN) == 1 and f"{report.BEGIN}\nsuite\n{report.END}" in text and "notes" in text
