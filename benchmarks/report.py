@@ -621,29 +621,42 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per case (0: torch's default)")
     parser.add_argument("--from-results", type=Path, metavar="RESULTS_JSON",
                         help="measure nothing: render the tables, checks and plots again from a results.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: keep the other sections' records of OUT/results.json (a run that a "
+                             "time budget cut can be completed section by section)")
     args = parser.parse_args(argv)
 
     profile = PROFILES[args.profile]()
+    whole = list(profile.sections)
     if args.only:
         unknown = set(args.only) - {s.name for s in profile.sections}
         if unknown:
             parser.error(f"unknown sections {sorted(unknown)}; have {[s.name for s in profile.sections]}")
         profile.sections = [s for s in profile.sections if s.name in args.only]
+    saved = None
+    if args.from_results or args.merge:
+        source = args.from_results or args.out / "results.json"
+        try:
+            saved = json.loads(source.read_text())
+            saved["records"], saved["machine"], saved["command"]
+        except (OSError, ValueError, KeyError) as e:
+            parser.error(f"{'--from-results' if args.from_results else '--merge'}: cannot read {source}: {e}")
+    results_md = None if args.no_results_md else args.results_md
     t0 = time.monotonic()
     if args.from_results:
-        try:
-            saved = json.loads(args.from_results.read_text())
-            records, machine, command = saved["records"], saved["machine"], saved["command"]
-        except (OSError, ValueError, KeyError) as e:
-            parser.error(f"--from-results: cannot read {args.from_results}: {e}")
-        results_md = None if args.no_results_md else args.results_md
-        write_outputs(profile, records, args.out, command, results_md, machine)
+        write_outputs(profile, saved["records"], args.out, saved["command"], results_md, saved["machine"])
         print(f"wrote {args.out}/report.md" + (f" and {results_md}" if results_md else ""))
         return 0
     records = run_all(profile, in_process=args.in_process, budget_min=args.budget_min,
                       log=lambda m: print(m, flush=True), threads=args.threads)
-    results_md = None if args.no_results_md else args.results_md
-    write_outputs(profile, records, args.out, args.command, results_md)
+    command = args.command
+    if args.merge:
+        fresh = {Case.from_dict(r["case"]) for r in records if r["status"] != "not run"}
+        kept = [r for r in saved["records"] if Case.from_dict(r["case"]) not in fresh]
+        records = kept + [r for r in records if r["status"] != "not run"]
+        profile.sections = whole
+        command = f"{saved['command']}; then {args.command} --only {' '.join(args.only or [])} --merge"
+    write_outputs(profile, records, args.out, command, results_md)
     print(f"wrote {args.out}/report.md" + (f" and {results_md}" if results_md else "")
           + f" in {(time.monotonic() - t0) / 60:.1f} min")
     return 0

@@ -50,18 +50,27 @@ class TokenKL(NamedTuple):
 # ---------------------------------------------------------------------------------------------------
 _TORCH_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 22}
 _TORCH_VOCAB_CHUNK = 2048
+_TORCH_WEIGHT_GRADIENT_TOKENS = 1024
 _TRITON_CHUNK_ELEMENTS = 1 << 26
 _TRITON_VOCAB_CHUNK = (1024, 32768)  # least, most
 
 
-def chunk_shape(num_tokens: int, vocab: int, device: torch.device, backend: str = "torch") -> tuple[int, int]:
-    """(tokens, vocabulary entries) per chunk for ``backend`` on ``device``."""
+def chunk_shape(num_tokens: int, vocab: int, device: torch.device, backend: str = "torch",
+                weight_gradient: bool = False) -> tuple[int, int]:
+    """(tokens, vocabulary entries) per chunk for ``backend`` on ``device``; ``weight_gradient``: for a
+    backward that produces dW."""
     if backend == "triton":
         least, most = _TRITON_VOCAB_CHUNK
         n_chunk = max(1, min(num_tokens, _TRITON_CHUNK_ELEMENTS // least))
         v_chunk = max(1, min(vocab, most, _TRITON_CHUNK_ELEMENTS // n_chunk))
         return n_chunk, v_chunk
     budget = _TORCH_CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    if weight_gradient:
+        # dW = dS^T h sums over tokens: its product's inner dimension is the token chunk. 128-token chunks
+        # make it a [2048, 128] x [128, d] product, too thin for a CPU BLAS; 1024 tokens x 256 vocabulary
+        # entries are the same 2**18 elements with every product's inner dimension >= 256.
+        n_chunk = max(1, min(num_tokens, _TORCH_WEIGHT_GRADIENT_TOKENS))
+        return n_chunk, max(1, min(vocab, budget // n_chunk))
     v_chunk = max(1, min(vocab, _TORCH_VOCAB_CHUNK))
     n_chunk = max(1, min(num_tokens, budget // v_chunk))
     return n_chunk, v_chunk
@@ -193,7 +202,7 @@ class _FusedTokenStats(torch.autograd.Function):
                 dh[first:] *= grad_logp[first:, None] * ctx.inv_tau
 
         triton_path = ctx.backend == "triton"
-        n_chunk, v_chunk = chunk_shape(rebuilt, vocab, hidden.device, ctx.backend)
+        n_chunk, v_chunk = chunk_shape(rebuilt, vocab, hidden.device, ctx.backend, weight_gradient=need_dw)
         # With every token in one chunk, each vocabulary slice of dW is a single product: it is written
         # straight into the gradient, in its own dtype, instead of being summed over token chunks in fp32.
         dw_in_one_product = n_chunk >= n

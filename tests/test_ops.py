@@ -391,3 +391,21 @@ def test_frozen_head_logprobs_rebuild_nothing(monkeypatch):
     h64 = h.detach().double().requires_grad_()
     (reference_token_kl(h64, w.double(), y, bias=b.double()) * g).sum().backward()
     assert rel_err(h.grad, h64.grad) < GRAD_RTOL and rebuilt == []
+
+
+@pytest.mark.parametrize("tokens_per_chunk", [1024, 64], ids=["dW-in-one-product", "dW-summed-over-token-chunks"])
+def test_weight_gradient_chunks(monkeypatch, tokens_per_chunk):
+    """A trained head's backward walks token-major chunks (every product's inner dimension >= 256 at the
+    default sizes): one token chunk, or several whose dW parts are summed."""
+    monkeypatch.setenv("FIREMPO_BACKEND", "torch")
+    monkeypatch.setattr(ops, "_TORCH_WEIGHT_GRADIENT_TOKENS", tokens_per_chunk)
+    n_chunk, v_chunk = ops.chunk_shape(300, 5000, torch.device("cpu"), weight_gradient=True)
+    assert v_chunk < 5000 and (n_chunk < 300) == (tokens_per_chunk == 64)
+    check_token_kl(300, 5000, 16, bias=True)
+    h, w, _, _, y, _, _ = make_inputs(300, 5000, 16)
+    logp = fk.fused_linear_logprobs(h.requires_grad_(), w.requires_grad_(), y)
+    g = torch.randn(y.shape)
+    (logp * g).sum().backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (reference_token_kl(h64, w64, y) * g).sum().backward()
+    assert rel_err(h.grad, h64.grad) < GRAD_RTOL and rel_err(w.grad, w64.grad) < GRAD_RTOL
