@@ -323,3 +323,25 @@ def test_busy_check_table_and_block(tmp_path, monkeypatch):
     report.update_results_md(results_md, table, busy_check.BEGIN, busy_check.END)  # replaced, not appended
     text = results_md.read_text()
     assert text.count(busy_check.BEGIN) == 1 and f"{report.BEGIN}\nsuite\n{report.END}" in text and "notes" in text
+
+
+def test_merge_completes_a_cut_run_and_from_results_renders_it_again(tmp_path):
+    """A run cut by its time budget is completed section by section (--merge keeps the other sections'
+    records), and --from-results renders the tables again without measuring."""
+    out, md = tmp_path / "report", tmp_path / "RESULTS.md"
+    common = ["--profile", "tiny", "--in-process", "--out", str(out), "--results-md", str(md)]
+    assert report.main(common + ["--only", "ops"]) == 0
+    first = json.loads((out / "results.json").read_text())["records"]
+    assert report.main(common + ["--only", "spans", "--merge"]) == 0
+    merged = json.loads((out / "results.json").read_text())
+    workloads_seen = {r["case"]["workload"] for r in merged["records"]}
+    assert workloads_seen == {"logprobs", "token_kl", "loss"}
+    assert [r for r in merged["records"] if r["case"]["workload"] != "loss"] == first
+    assert "--merge" in merged["command"]
+    (out / "report.md").unlink()
+    assert report.main(["--profile", "tiny", "--from-results", str(out / "results.json"), "--out", str(out),
+                        "--no-results-md"]) == 0
+    assert "tiny spans" in (out / "report.md").read_text()
+    with pytest.raises(SystemExit) as bad:
+        report.main(["--profile", "tiny", "--from-results", str(tmp_path / "missing.json"), "--out", str(out)])
+    assert bad.value.code == 2
