@@ -1,13 +1,16 @@
 """One whole FiRe-MPO training step of a small Qwen2.5-VL with Qwen's real vocabulary (V = 151936): forward
-and backward through the model, the reference live, every pass of the method.
+and backward through the model, every pass of the method.
 
-    .venv/bin/python benchmarks/bench_step.py [--prefix 128 256 512 1024] [--answer 32] [--reps 3]
+    .venv/bin/python benchmarks/bench_step.py [--prefix 128 256 512 1024] [--answer 32]
+        [--answer-sweep 16 64 128] [--answer-sweep-prefix 512] [--reps 3]
 
 Methods, on the same model, reference and batch:
 
 - ``packed``: ours with ``shared_prefix`` (the default): per image kind one forward of the example's
   [prompt | chosen | rejected] row, in the policy and the reference (integrations/packing.py);
 - ``unpacked``: ours with ``shared_prefix=False``: both rows in full, the prompt run twice;
+- ``precomputed``: ours packed, the reference read from a precomputed store (``--precompute-reference``:
+  built once before training, outside the timed step), so no reference forward at all;
 - ``authors``: the paper's code style: the model's own forward with full logits at every position of all 8
   passes (policy and reference on (v, y+), (v, y-), (v', y+), (v', y-)), ``log_softmax`` over the vocabulary,
   the same loss.
@@ -26,8 +29,8 @@ model, the reference = the policy with its adapters off. fp32, 2 threads. The au
 Peak extra memory: each (method, prefix) in its own process, the resident-set high-water mark of one step
 minus the resident set before it (benchmarks/harness.py, CpuMemory). Time: the median of ``--reps`` steps
 after a warm-up, the methods interleaved in one process. Writes ``benchmarks/report/step.json``,
-``benchmarks/report/step_vs_prefix.png`` and the generated block of the "whole training step" section of
-``benchmarks/RESULTS.md``.
+``benchmarks/report/step_vs_prefix.png``, ``step_vs_answer.png`` (the answer sweep) and the generated block
+of the "whole training step" section of ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from benchmarks.report import update_results_md  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- BEGIN GENERATED: benchmarks/bench_step.py -->", "<!-- END GENERATED: benchmarks/bench_step.py -->"
-METHODS = ("packed", "unpacked", "authors")
+METHODS = ("packed", "unpacked", "precomputed", "authors")
 DPO_METHODS = ("dpo_packed", "dpo_trl")
 DPO_BEGIN = "<!-- BEGIN GENERATED: benchmarks/bench_step.py --dpo -->"
 DPO_END = "<!-- END GENERATED: benchmarks/bench_step.py --dpo -->"
@@ -113,10 +116,10 @@ def build(prefix: int, answer: int, seed: int = 0):
     return policy, "adapters_disabled", batch, FiReMPOLoss()
 
 
-def step_ours(policy, reference, batch, loss_fn, shared: bool) -> float:
+def step_ours(policy, reference, batch, loss_fn, shared: bool, reference_head=None) -> float:
     from firempo_kernels.integrations.forward import compute_firempo_loss
 
-    out = compute_firempo_loss(policy, reference, batch, loss_fn, shared_prefix=shared)
+    out = compute_firempo_loss(policy, reference, batch, loss_fn, shared_prefix=shared, reference_head=reference_head)
     out.loss.backward()
     return out.loss.item()
 
@@ -188,10 +191,37 @@ def step_trl_dpo(policy, batch, loss_fn) -> float:
     return loss.item()
 
 
+_STORES: dict = {}
+
+
+def stored_reference(policy, batch):
+    """(reference, head) of this batch read from a precomputed store (adapters off), as training with
+    ``reference.mode=precomputed`` reads them each step; the store is built on first use (training builds it
+    once, before its first step) in a temporary folder removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from firempo_kernels.integrations.precompute import PrecomputedReferenceStore, precompute_reference
+    from firempo_kernels.integrations.reference import AdaptersDisabledReference
+
+    key = (id(policy), id(batch))
+    if key not in _STORES:
+        directory = tempfile.mkdtemp(prefix="firempo-bench-store-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        precompute_reference(AdaptersDisabledReference(), [batch], directory, policy=policy, progress=False)
+        _STORES[key] = directory
+    store = PrecomputedReferenceStore(_STORES[key])
+    return store.lookup(batch.example_ids), store.head()
+
+
 def run_step(method: str, policy, reference, batch, loss_fn) -> float:
     policy.zero_grad(set_to_none=True)
     if method == "dpo_trl":
         return step_trl_dpo(policy, batch, loss_fn)
+    if method == "precomputed":
+        stored, head = stored_reference(policy, batch)
+        return step_ours(policy, stored, batch, loss_fn, shared=True, reference_head=head)
     if method == "authors":
         return step_authors(policy, reference, batch, loss_fn)
     return step_ours(policy, reference, batch, loss_fn, shared=method in ("packed", "dpo_packed"))
@@ -213,19 +243,22 @@ def child(method: str, prefix: int, answer: int) -> dict:
     return {"peak_extra_mib": memory.peak_extra_mib(), "loss": value}
 
 
-def measure(prefixes, answer: int, reps: int, authors_max_prefix: int, dpo: bool = False) -> list[dict]:
+def measure(shapes, reps: int, authors_max_prefix: int, authors_max_answer: int = 32, dpo: bool = False) -> list[dict]:
+    """One row per (prefix, answer) of ``shapes``; the authors' style only up to both maxima (its steps take
+    30 s and more beyond them here)."""
     from benchmarks.harness import _Glibc
 
     # glibc's steady state of a long-running process (benchmarks/harness.py): the authors' style frees
     # gigabytes each step, and without it the next method's step pays for faulting its buffers back in.
     _Glibc().steady()
     rows = []
-    for prefix in prefixes:
+    for prefix, answer in shapes:
         record = {"prefix": prefix, "answer": answer}
         if dpo:
             methods = list(DPO_METHODS)
         else:
-            methods = [m for m in METHODS if m != "authors" or prefix <= authors_max_prefix]
+            authors = prefix <= authors_max_prefix and answer <= authors_max_answer
+            methods = [m for m in METHODS if m != "authors" or authors]
         for method in methods:
             proc = subprocess.run([sys.executable, __file__, "--child", method, "--prefix", str(prefix),
                                    "--answer", str(answer)], capture_output=True, text=True, env=_env())
@@ -268,7 +301,7 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def write(rows: list[dict], out: Path, reps: int) -> str:
+def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "step.json").write_text(json.dumps(rows, indent=1))
     import matplotlib
@@ -276,23 +309,31 @@ def write(rows: list[dict], out: Path, reps: int) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for method, color in zip(METHODS, ("C0", "C1", "C3")):
-        done = [r for r in rows if method in r]
-        ax_t.plot([r["prefix"] for r in done], [r[method]["seconds"] for r in done], "o-", color=color, label=method)
-        ax_m.plot([r["prefix"] for r in done], [r[method]["peak_extra_mib"] for r in done], "o-", color=color,
-                  label=method)
-    for ax, label in ((ax_t, "step time, s"), (ax_m, "peak extra memory, MiB")):
-        ax.set_xlabel("prefix tokens (image + question)")
-        ax.set_ylabel(label)
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-    ax_m.set_yscale("log")
-    ax_t.legend()
-    fig.suptitle(f"one FiRe-MPO step, Qwen2.5-VL (d {HIDDEN}, {LAYERS} layers, V {VOCAB}), {rows[0]['answer']}-token answers")
-    fig.tight_layout()
-    fig.savefig(out / "step_vs_prefix.png", dpi=110)
-    plt.close(fig)
+    answer, sweep_prefixes = rows[0]["answer"], [r["prefix"] for r in rows if r["answer"] != rows[0]["answer"]]
+    plots = [("prefix", "prefix tokens (image + question)", [r for r in rows if r["answer"] == answer],
+              f"{answer}-token answers", "step_vs_prefix.png")]
+    if sweep_prefixes:
+        at = sweep_prefixes[0]
+        plots.append(("answer", "answer tokens (each of the two)", [r for r in rows if r["prefix"] == at],
+                      f"a {at}-token prefix", "step_vs_answer.png"))
+    for key, xlabel, chosen, fixed, name in plots:
+        fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
+        for method, color in zip(METHODS, ("C0", "C1", "C2", "C3")):
+            done = sorted((r for r in chosen if method in r), key=lambda r: r[key])
+            ax_t.plot([r[key] for r in done], [r[method]["seconds"] for r in done], "o-", color=color, label=method)
+            ax_m.plot([r[key] for r in done], [r[method]["peak_extra_mib"] for r in done], "o-", color=color,
+                      label=method)
+        for ax, label in ((ax_t, "step time, s"), (ax_m, "peak extra memory, MiB")):
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+        ax_m.set_yscale("log")
+        ax_t.legend()
+        fig.suptitle(f"one FiRe-MPO step, Qwen2.5-VL (d {HIDDEN}, {LAYERS} layers, V {VOCAB}), {fixed}")
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
 
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -300,25 +341,27 @@ def write(rows: list[dict], out: Path, reps: int) -> str:
         f"`{' '.join(['.venv/bin/python', 'benchmarks/bench_step.py'] + sys.argv[1:])}`; median of {reps} steps, "
         f"load average {min(r['load'] for r in rows):.1f}-{max(r['load'] for r in rows):.1f}.",
         "",
-        "| prefix | answers | packed | unpacked | authors' style | packed / unpacked time | packed / authors time "
-        "| peak: packed | unpacked | authors' style |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| prefix | answers | packed | unpacked | precomputed ref. | authors' style | packed / unpacked time "
+        "| packed / authors time | peak: packed | unpacked | precomputed ref. | authors' style |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        p, u, a = r["packed"], r["unpacked"], r.get("authors")
+        p, u, a, s = r["packed"], r["unpacked"], r.get("authors"), r.get("precomputed")
         a_time = f"{a['seconds']:.2f} s" if a else "not run"
         a_ratio = f"{p['seconds'] / a['seconds']:.3f}x" if a else "-"
         a_peak = f"{a['peak_extra_mib']:,.0f} MiB" if a else "not run"
+        s_time = f"{s['seconds']:.2f} s" if s else "not run"
+        s_peak = f"{s['peak_extra_mib']:,.0f} MiB" if s else "not run"
         lines.append(
-            f"| {r['prefix']} | {r['answer']} | {p['seconds']:.2f} s | {u['seconds']:.2f} s | {a_time} "
+            f"| {r['prefix']} | {r['answer']} | {p['seconds']:.2f} s | {u['seconds']:.2f} s | {s_time} | {a_time} "
             f"| {p['seconds'] / u['seconds']:.2f}x | {a_ratio} "
-            f"| {p['peak_extra_mib']:,.0f} MiB | {u['peak_extra_mib']:,.0f} MiB | {a_peak} |")
+            f"| {p['peak_extra_mib']:,.0f} MiB | {u['peak_extra_mib']:,.0f} MiB | {s_peak} | {a_peak} |")
     agree = max(abs(r[m]["loss"] - r["unpacked"]["loss"]) / abs(r["unpacked"]["loss"])
                 for r in rows for m in METHODS if m in r)
     lines += ["", f"The methods' losses agree to {agree:.1e} relative (the same objective). "
-                  "Plot: `benchmarks/report/step_vs_prefix.png`."]
+                  "Plots: `benchmarks/report/step_vs_prefix.png`, `benchmarks/report/step_vs_answer.png`."]
     text = "\n".join(lines)
-    update_results_md(RESULTS_MD, text, BEGIN, END)
+    update_results_md(results_md, text, BEGIN, END)
     return text
 
 
@@ -350,6 +393,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prefix", type=int, nargs="+", default=[128, 256, 512, 1024])
     ap.add_argument("--answer", type=int, default=32)
+    ap.add_argument("--answer-sweep", type=int, nargs="*", default=[16, 64, 128],
+                    help="more answer lengths, measured at the prefix --answer-sweep-prefix (plotted apart)")
+    ap.add_argument("--answer-sweep-prefix", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--authors-max-prefix", type=int, default=512)
     ap.add_argument("--out", default=str(HERE / "report"))
@@ -360,7 +406,10 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(args.child, args.prefix[0], args.answer)))
         return 0
-    rows = measure(args.prefix, args.answer, args.reps, args.authors_max_prefix, dpo=args.dpo)
+    shapes = [(p, args.answer) for p in args.prefix]
+    if not args.dpo:
+        shapes += [(args.answer_sweep_prefix, a) for a in args.answer_sweep if a != args.answer]
+    rows = measure(shapes, args.reps, args.authors_max_prefix, dpo=args.dpo)
     print((write_dpo if args.dpo else write)(rows, Path(args.out), args.reps))
     return 0
 

@@ -33,3 +33,18 @@ def test_trl_dpo_step_equals_our_dpo_preset(tiny_step):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for name, grad in grads[0].items():
         torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_table_and_plots_against_prefix_and_answer(tmp_path):
+    def method(seconds, peak):
+        return {"seconds": seconds, "peak_extra_mib": peak, "loss": 0.7}
+
+    rows = [{"prefix": p, "answer": a, "load": 1.0, "packed": method(1.0, 100), "unpacked": method(2.0, 200),
+             "precomputed": method(0.6, 80), **({"authors": method(9.0, 900)} if a == 32 else {})}
+            for p, a in ((128, 32), (512, 32), (512, 64))]
+    md = tmp_path / "RESULTS.md"
+    md.write_text(f"# R\n\n{bench_step.BEGIN}\nold\n{bench_step.END}\n")
+    text = bench_step.write(rows, tmp_path, 3, md)
+    assert "| 512 | 64 | 1.00 s | 2.00 s | 0.60 s | not run |" in text
+    assert (tmp_path / "step_vs_prefix.png").is_file() and (tmp_path / "step_vs_answer.png").is_file()
+    assert "old" not in md.read_text() and text in md.read_text()
