@@ -116,10 +116,10 @@ def build(prefix: int, answer: int, seed: int = 0):
     return policy, "adapters_disabled", batch, FiReMPOLoss()
 
 
-def step_ours(policy, reference, batch, loss_fn, shared: bool, reference_head=None) -> float:
+def step_ours(policy, reference, batch, loss_fn, shared: bool) -> float:
     from firempo_kernels.integrations.forward import compute_firempo_loss
 
-    out = compute_firempo_loss(policy, reference, batch, loss_fn, shared_prefix=shared, reference_head=reference_head)
+    out = compute_firempo_loss(policy, reference, batch, loss_fn, shared_prefix=shared)
     out.loss.backward()
     return out.loss.item()
 
@@ -195,24 +195,23 @@ _STORES: dict = {}
 
 
 def stored_reference(policy, batch):
-    """(reference, head) of this batch read from a precomputed store (adapters off), as training with
-    ``reference.mode=precomputed`` reads them each step; the store is built on first use (training builds it
-    once, before its first step) in a temporary folder removed at exit."""
+    """The precomputed reference of this batch (adapters off) as training uses it: a store built once before
+    the first step (here on first use, in a temporary folder removed at exit) and opened once; each step
+    looks its examples up (from disk) and, the head being the policy's frozen one, loads no head."""
     import atexit
     import shutil
     import tempfile
 
     from firempo_kernels.integrations.precompute import PrecomputedReferenceStore, precompute_reference
-    from firempo_kernels.integrations.reference import AdaptersDisabledReference
+    from firempo_kernels.integrations.reference import AdaptersDisabledReference, PrecomputedStoreReference
 
     key = (id(policy), id(batch))
     if key not in _STORES:
         directory = tempfile.mkdtemp(prefix="firempo-bench-store-")
         atexit.register(shutil.rmtree, directory, ignore_errors=True)
         precompute_reference(AdaptersDisabledReference(), [batch], directory, policy=policy, progress=False)
-        _STORES[key] = directory
-    store = PrecomputedReferenceStore(_STORES[key])
-    return store.lookup(batch.example_ids), store.head()
+        _STORES[key] = PrecomputedStoreReference(PrecomputedReferenceStore(directory))
+    return _STORES[key]
 
 
 def run_step(method: str, policy, reference, batch, loss_fn) -> float:
@@ -220,8 +219,7 @@ def run_step(method: str, policy, reference, batch, loss_fn) -> float:
     if method == "dpo_trl":
         return step_trl_dpo(policy, batch, loss_fn)
     if method == "precomputed":
-        stored, head = stored_reference(policy, batch)
-        return step_ours(policy, stored, batch, loss_fn, shared=True, reference_head=head)
+        return step_ours(policy, stored_reference(policy, batch), batch, loss_fn, shared=True)
     if method == "authors":
         return step_authors(policy, reference, batch, loss_fn)
     return step_ours(policy, reference, batch, loss_fn, shared=method in ("packed", "dpo_packed"))
