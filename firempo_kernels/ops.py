@@ -42,7 +42,10 @@ class TokenKL(NamedTuple):
 # same-sized temporaries (logits, exp, dS; twice that with a reference). A 2**18-element chunk (1 MiB)
 # keeps them near 8 MiB, a few percent of the full-logits path even at N=4096, V=32000, while each
 # chunk's [128, d] x [d, 2048] product is still large enough for a CPU BLAS; on a GPU (forced torch
-# backend) 2**22 elements keep ~100 MiB of temporaries and the products at a useful size.
+# backend) 2**22 elements keep ~100 MiB of temporaries and the products at a useful size. Two more
+# tensors on this path, both the size of the gradient dh: with a frozen head, E_p[W] (fp32 [N, d]) is kept
+# from the forward to the backward (docs/design.md section 7); a trained head's backward walks 1024 x 256
+# chunks instead (same element budget; see chunk_shape).
 # The Triton path's only chunk is dS (bf16), written by the kernel and read by two cuBLAS products:
 # 2**26 elements (128 MiB). Its token chunk spans every token whenever it can (up to 65536), so each
 # vocabulary chunk's dW comes from one product written straight into the gradient, with no fp32
