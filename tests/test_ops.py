@@ -272,21 +272,28 @@ def test_triton_backward_across_chunks(monkeypatch, n):
 
 def test_near_identical_models_kl_as_accurate_as_eager_fp32(backend):
     """Early in training the policy is the reference plus a little: the KL is tiny, and must not drown in
-    the rounding of two nearly equal log-sum-exps. Both paths round the same fp32 logits, so the fused KL
-    may differ from eager fp32 by its summation order: a factor 2 at most."""
+    the rounding of two nearly equal log-sum-exps. What fp32 allows is set by the rounding of the logits
+    themselves, which depends on the order of each dot product's sum (the Triton kernel's tiles sum in
+    another order than a BLAS): the fused KL must be within twice the worst error of eager fp32 over four
+    summation orders of the same logits (the hidden dimension permuted)."""
     n, vocab, d = 16, 1000, 32
     h = torch.randn(n, d)
     w = torch.randn(vocab, d) * 30 / d**0.5
     y = torch.randint(0, vocab, (n,))
+    orders = [torch.arange(d)] + [torch.randperm(d) for _ in range(3)]
     for eps in (1e-2, 1e-3):
         rh = h + eps * torch.randn(n, d)
         out = fk.fused_linear_token_kl(h, w, rh, w, y)
         ref = reference_token_kl(h.double(), w.double(), y, rh.double(), w.double())
-        log_p, log_q = torch.log_softmax(h @ w.T, -1), torch.log_softmax(rh @ w.T, -1)
-        eager_forward = (log_q.exp() * (log_q - log_p)).sum(-1)
-        eager_reverse = (log_p.exp() * (log_p - log_q)).sum(-1)
-        assert rel_err(out.kl_forward, ref[2]) <= 2 * rel_err(eager_forward, ref[2]) + 1e-6
-        assert rel_err(out.kl_reverse, ref[3]) <= 2 * rel_err(eager_reverse, ref[3]) + 1e-6
+        eager_err = [0.0, 0.0]
+        for order in orders:
+            wo = w[:, order]
+            log_p = torch.log_softmax(h[:, order] @ wo.T, -1)
+            log_q = torch.log_softmax(rh[:, order] @ wo.T, -1)
+            eager_err[0] = max(eager_err[0], rel_err((log_q.exp() * (log_q - log_p)).sum(-1), ref[2]))
+            eager_err[1] = max(eager_err[1], rel_err((log_p.exp() * (log_p - log_q)).sum(-1), ref[3]))
+        assert rel_err(out.kl_forward, ref[2]) <= 2 * eager_err[0] + 1e-6
+        assert rel_err(out.kl_reverse, ref[3]) <= 2 * eager_err[1] + 1e-6
 
 
 def test_kl_is_never_negative_for_models_equal_to_rounding(backend):
