@@ -299,6 +299,14 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _run_line(rows: list[dict], reps: int) -> str:
+    """Machine, date, command and load of a run: the first line of each generated block."""
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, fp32, {date}; "
+            f"`{' '.join(['.venv/bin/python', 'benchmarks/bench_step.py'] + sys.argv[1:])}`; median of {reps} steps, "
+            f"load average {min(r['load'] for r in rows):.1f}-{max(r['load'] for r in rows):.1f}.")
+
+
 def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "step.json").write_text(json.dumps(rows, indent=1))
@@ -333,11 +341,8 @@ def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD)
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
 
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, fp32, {date}; "
-        f"`{' '.join(['.venv/bin/python', 'benchmarks/bench_step.py'] + sys.argv[1:])}`; median of {reps} steps, "
-        f"load average {min(r['load'] for r in rows):.1f}-{max(r['load'] for r in rows):.1f}.",
+        _run_line(rows, reps),
         "",
         "| prefix | answers | packed | unpacked | precomputed ref. | authors' style | packed / unpacked time "
         "| packed / authors time | peak: packed | unpacked | precomputed ref. | authors' style |",
@@ -366,11 +371,8 @@ def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD)
 def write_dpo(rows: list[dict], out: Path, reps: int) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_dpo.json").write_text(json.dumps(rows, indent=1))
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, fp32, {date}; "
-        f"`{' '.join(['.venv/bin/python', 'benchmarks/bench_step.py'] + sys.argv[1:])}`; median of {reps} steps, "
-        f"load average {min(r['load'] for r in rows):.1f}-{max(r['load'] for r in rows):.1f}.",
+        _run_line(rows, reps),
         "",
         "| prefix | answers | ours (packed) | TRL DPOTrainer step | ours / TRL time | peak: ours | TRL |",
         "|---:|---:|---:|---:|---:|---:|---:|",

@@ -1,17 +1,18 @@
 """Does the fused path keep its ratio to naive when another process competes for the cores?
 
-    .venv/bin/python benchmarks/busy_check.py [--rounds N]   (about 5 minutes on a 2-core CPU)
+    .venv/bin/python benchmarks/busy_check.py [--rounds N]   (about 10 minutes on a 2-core CPU)
 
-Users train on shared machines. For each of the suite's shapes, fused and naive are timed interleaved (one
+Users train on shared machines. For shapes like the suite's, fused and its baseline are timed interleaved (one
 process, the methods of a shape alternating round by round, as in ``harness``), first on the quiet machine,
 then while a competitor runs: a process doing dense fp32 matrix products on as many threads as the machine
-has cores, the load another user's job puts on it. The ratio fused / naive is compared between the two;
-the issue of record asks for the busy ratio to stay within 1.5x the quiet one. The table replaces the
+has cores, the load another user's job puts on it. The ratio fused / baseline is compared between the two,
+and the busy ratio should stay within 1.5x the quiet one (``LIMIT``). The table replaces the
 generated block of RESULTS.md between this script's markers.
 """
 
 import argparse
 import datetime as _dt
+import json
 import os
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def shapes() -> list[tuple[str, list[Case]]]:
 
 def time_group(cases: list[Case], rounds: int) -> dict[str, float]:
     profile = report.Profile([], target_s=0.0, min_reps=rounds, max_reps=rounds, case_timeout_s=300)
-    args = ["time", "--cases", report.json.dumps([c.to_dict() for c in cases]),
+    args = ["time", "--cases", json.dumps([c.to_dict() for c in cases]),
             *report._common_args(profile, 0.0, 0)]
     recs = report._harness(args, 600, lambda status, note: [{"status": status, "note": note}] * len(cases))
     if any(r.get("status") != "ok" for r in recs):

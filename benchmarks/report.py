@@ -177,7 +177,7 @@ def _sel(workload, methods, head="frozen", regime="", vocab=32000, batch=None):
     return match
 
 
-# The suite's shapes (issue of record: every peer, every shape): fused at or below the fastest peer's time,
+# The suite's shapes, each against every peer that runs there: fused at or below the fastest peer's time,
 # and at most 10% of the peak of the leanest peer that holds full-vocabulary logits of its tokens.
 PEERS = {w: tuple(m for m in methods if m != "fused") for w, methods in METHODS.items()}
 # Cut Cross-Entropy's torch_compile implementation (its CPU one) holds [N, V] logits inside its graph, as its
