@@ -40,9 +40,12 @@ class TokenKL(NamedTuple):
 # ---------------------------------------------------------------------------------------------------
 # Chunking. The torch path's working memory is one (tokens x vocab) chunk of fp32 plus a handful of
 # same-sized temporaries (logits, exp, dS; twice that with a reference). A 2**18-element chunk (1 MiB)
-# keeps them near 8 MiB, a few percent of the full-logits path even at N=4096, V=32000, while each
-# chunk's [128, d] x [d, 2048] product is still large enough for a CPU BLAS; on a GPU (forced torch
-# backend) 2**22 elements keep ~100 MiB of temporaries and the products at a useful size. Two more
+# keeps them near 8 MiB, a few percent of the full-logits path even at N=4096, V=32000. Its shape is
+# 512 tokens x 512 vocabulary entries where there are that many tokens: a CPU BLAS runs the logits
+# product [512, d] x [d, 512] about 1.35x as fast as [128, d] x [d, 2048] (benchmarks/TUNING.md section 4,
+# item 7); fewer tokens widen the vocabulary chunk up to 2048 entries, past which the chunk leaves the
+# cache. On a GPU (forced torch backend) 2**22 elements, 2048 x 2048, keep ~100 MiB of temporaries and the
+# products at a useful size. Two more
 # tensors on this path, both the size of the gradient dh: with a frozen head, E_p[W] (fp32 [N, d]) is kept
 # from the forward to the backward (docs/design.md section 7); a trained head's backward walks 1024 x 256
 # chunks instead (same element budget; see chunk_shape).
@@ -52,7 +55,8 @@ class TokenKL(NamedTuple):
 # accumulation pass; vocabulary chunks of at most 32768 mean N x V is never materialised.
 # ---------------------------------------------------------------------------------------------------
 _TORCH_CHUNK_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 22}
-_TORCH_VOCAB_CHUNK = 2048
+_TORCH_TOKEN_CHUNK = {"cpu": 512, "cuda": 2048}
+_TORCH_VOCAB_CHUNK = 2048  # most
 _TORCH_WEIGHT_GRADIENT_TOKENS = 1024
 _TRITON_CHUNK_ELEMENTS = 1 << 26
 _TRITON_VOCAB_CHUNK = (1024, 32768)  # least, most
@@ -67,16 +71,16 @@ def chunk_shape(num_tokens: int, vocab: int, device: torch.device, backend: str 
         n_chunk = max(1, min(num_tokens, _TRITON_CHUNK_ELEMENTS // least))
         v_chunk = max(1, min(vocab, most, _TRITON_CHUNK_ELEMENTS // n_chunk))
         return n_chunk, v_chunk
-    budget = _TORCH_CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    budget = _TORCH_CHUNK_ELEMENTS[kind]
     if weight_gradient:
-        # dW = dS^T h sums over tokens: its product's inner dimension is the token chunk. 128-token chunks
-        # make it a [2048, 128] x [128, d] product, too thin for a CPU BLAS; 1024 tokens x 256 vocabulary
-        # entries are the same 2**18 elements with every product's inner dimension >= 256.
+        # dW = dS^T h sums over tokens: its product's inner dimension is the token chunk. 1024 tokens x 256
+        # vocabulary entries (the same 2**18 elements) make every product's inner dimension >= 256, and
+        # up to 1024 tokens each vocabulary slice of dW is one product written in place.
         n_chunk = max(1, min(num_tokens, _TORCH_WEIGHT_GRADIENT_TOKENS))
         return n_chunk, max(1, min(vocab, budget // n_chunk))
-    v_chunk = max(1, min(vocab, _TORCH_VOCAB_CHUNK))
-    n_chunk = max(1, min(num_tokens, budget // v_chunk))
-    return n_chunk, v_chunk
+    n_chunk = max(1, min(num_tokens, _TORCH_TOKEN_CHUNK[kind]))
+    return n_chunk, max(1, min(vocab, _TORCH_VOCAB_CHUNK, budget // n_chunk))
 
 
 def _stats_torch(h, w, b, rh, rw, rb, y, inv_tau, expect_from=None):

@@ -251,12 +251,24 @@ def test_no_tokens_by_vocab_allocation(monkeypatch):
     assert 0 < largest < n * vocab * 4 / 4  # a quarter of one fp32 N x V tensor at the very most
 
 
+def test_torch_chunk_shapes():
+    """2**18 elements on the CPU: 512 x 512 when there are 512 tokens, wider vocabulary chunks (at most 2048)
+    for fewer tokens; 2048 x 2048 on a GPU."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert ops.chunk_shape(5000, 32000, cpu) == (512, 512)
+    assert ops.chunk_shape(256, 32000, cpu) == (256, 1024)
+    assert ops.chunk_shape(16, 32000, cpu) == (16, 2048)
+    assert ops.chunk_shape(16, 300, cpu) == (16, 300)
+    assert ops.chunk_shape(5000, 32000, gpu) == (2048, 2048)
+
+
 def test_several_chunks_in_both_directions(monkeypatch):
-    """Token and vocabulary chunk boundaries of the chunked path (2048 vocabulary entries per chunk)."""
+    """Token and vocabulary chunk boundaries of the chunked path at its default chunk shape."""
     monkeypatch.setenv("FIREMPO_BACKEND", "torch")
-    n_chunk, v_chunk = ops.chunk_shape(300, 5000, torch.device("cpu"))
-    assert n_chunk < 300 and v_chunk < 5000
-    check_token_kl(300, 5000, 16, bias=True)
+    n_chunk, v_chunk = ops.chunk_shape(1100, 5000, torch.device("cpu"))
+    assert n_chunk < 1100 and v_chunk < 5000 and 1100 % n_chunk and 5000 % v_chunk  # ragged last chunks
+    check_token_kl(1100, 5000, 16, bias=True)
+    check_token_kl(1100, 5000, 16, freeze_weight=True)  # the forward's chunks in the backward too
 
 
 @pytest.mark.parametrize("n", [40, 100], ids=["dW-in-one-product", "dW-summed-over-token-chunks"])
@@ -362,7 +374,7 @@ def test_frozen_head_expectations(monkeypatch, kl_gradient_rows, kl_beyond):
     rows are rebuilt, and a KL gradient beyond the promise still gets it right (every row rebuilt)."""
     monkeypatch.setenv("FIREMPO_BACKEND", "torch")
     monkeypatch.setattr(ops, "_TORCH_CHUNK_ELEMENTS", {"cpu": 1 << 12, "cuda": 1 << 12})
-    monkeypatch.setattr(ops, "_TORCH_VOCAB_CHUNK", 128)
+    monkeypatch.setattr(ops, "_TORCH_TOKEN_CHUNK", {"cpu": 32, "cuda": 32})
     rebuilt = _rebuilt_rows(monkeypatch)
     h, w, rh, rw, y, b, rb = make_inputs(90, 300, 16, bias=True, scale=3.0)
     y[torch.rand(y.shape) < 0.2] = -100
