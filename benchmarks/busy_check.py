@@ -12,7 +12,6 @@ generated block of RESULTS.md between this script's markers.
 
 import argparse
 import datetime as _dt
-import json
 import os
 import subprocess
 import sys
@@ -52,9 +51,8 @@ def shapes() -> list[tuple[str, list[Case]]]:
 
 def time_group(cases: list[Case], rounds: int) -> dict[str, float]:
     profile = report.Profile([], target_s=0.0, min_reps=rounds, max_reps=rounds, case_timeout_s=300)
-    args = ["time", "--cases", json.dumps([c.to_dict() for c in cases]),
-            *report._common_args(profile, 0.0, 0)]
-    recs = report._harness(args, 600, lambda status, note: [{"status": status, "note": note}] * len(cases))
+    recs = report.Workers(profile).run("time", [c.to_dict() for c in cases], cuda=False, timeout_s=600,
+                                       fallback=lambda status, note: [{"status": status, "note": note}] * len(cases))
     if any(r.get("status") != "ok" for r in recs):
         raise RuntimeError(f"timing failed: {recs}")
     return {r["case"]["method"]: r["time_ms"] for r in recs}

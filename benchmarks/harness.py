@@ -4,7 +4,8 @@ comparison group interleaved in one process. Every number in RESULTS.md is taken
     python benchmarks/harness.py memory --case '{"workload": "loss", "method": "fused", ...}'
     python benchmarks/harness.py time --cases '[{...}, {...}]'
 
-Each prints one ``RESULT {json}`` line (a list of records for ``time``).
+Each prints one ``RESULT {json}`` line (a list of records for ``time``). ``report`` runs the same
+measurements (``measure``) in processes forked from a server that has the peers imported (``report.Workers``).
 
 Peak extra memory, CPU (``memory``, one case per process, so no case sees another's caches): build the
 inputs, one warm-up step (forward + backward: compilation, thread pools, first-touch of library buffers),
@@ -301,6 +302,29 @@ def _limit_address_space(budget_gib: float) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def measure(what: str, payload, *, target_s: float = 5.0, min_reps: int = 3, max_reps: int = 15,
+            mem_budget_gib: float = 0.0, threads: int = 0):
+    """What ``main`` measures, as a function for a process forked to run it (``report.Workers``): ``memory``
+    of one case (``payload`` a Case dict) or ``time`` of one comparison group (a list of them)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    _limit_address_space(mem_budget_gib)
+    if what == "memory":
+        return measure_memory(Case.from_dict(payload))
+    cases = [Case.from_dict(c) for c in payload]
+    return measure_times(cases, target_s=target_s, min_reps=min_reps, max_reps=max_reps)
+
+
+def send_measurement(conn, what: str, payload, options: dict, log_path: str) -> None:
+    """Run :func:`measure` and send its result through ``conn`` (the child side of a pipe); this process's
+    output goes to ``log_path``, whose last line explains a failure."""
+    with open(log_path, "w") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    conn.send(measure(what, payload, **options))
+    conn.close()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Measure benchmark cases in this process.")
     parser.add_argument("what", choices=("memory", "time"))
@@ -312,14 +336,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mem-budget-gib", type=float, default=0.0, help="address-space cap above the start (0: none)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    _limit_address_space(args.mem_budget_gib)
-    if args.what == "memory":
-        result = measure_memory(Case.from_dict(json.loads(args.case)))
-    else:
-        cases = [Case.from_dict(c) for c in json.loads(args.cases)]
-        result = measure_times(cases, target_s=args.target_s, min_reps=args.min_reps, max_reps=args.max_reps)
+    payload = json.loads(args.case if args.what == "memory" else args.cases)
+    result = measure(args.what, payload, target_s=args.target_s, min_reps=args.min_reps, max_reps=args.max_reps,
+                     mem_budget_gib=args.mem_budget_gib, threads=args.threads)
     print(RESULT_PREFIX + json.dumps(result), flush=True)
     return 0
 

@@ -251,48 +251,104 @@ def worker_env() -> dict:
     return env
 
 
-def _harness(args: list[str], timeout_s: float, fallback):
-    """Run ``harness.py`` with ``args`` in a fresh process; its RESULT, or ``fallback(status, note)``."""
-    cmd = [sys.executable, str(HERE / "harness.py"), *args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=worker_env())
-    except subprocess.TimeoutExpired:
-        return fallback("timeout", f"over {timeout_s:.0f} s")
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-    return fallback("oom" if proc.returncode in (-9, 137) else "error", tail[0][:300])
+# What a measuring process would otherwise import itself: torch, this library and the peers take 5-15 s per
+# process on 2 cores (TRL's chunked divergence brings in transformers), and `make bench` starts ~75 of them.
+PRELOAD = ("benchmarks.harness", "firempo_kernels", "cut_cross_entropy", "trl.kernels",
+           "trl.kernels.chunked_divergence", "liger_kernel.chunked_loss")
 
 
-def _common_args(profile: Profile, mem_budget_gib: float, threads: int) -> list[str]:
-    return ["--target-s", str(profile.target_s), "--min-reps", str(profile.min_reps),
-            "--max-reps", str(profile.max_reps), "--mem-budget-gib", f"{mem_budget_gib:.2f}",
-            "--threads", str(threads)]
+class Workers:
+    """Runs each measurement in a fresh process; its result, or ``fallback(status, note)``.
+
+    CPU measurements run in processes forked from one server that has imported ``PRELOAD`` (the
+    ``forkserver`` start method): each is as fresh as a new interpreter, nothing measured before it in the
+    same process, without paying the imports. CUDA measurements start a new interpreter (``harness.py``),
+    since a CUDA context does not survive a fork and a peer's import may create one.
+    """
+
+    def __init__(self, profile: Profile, mem_budget_gib: float = 0.0, threads: int = 0):
+        self.options = {"target_s": profile.target_s, "min_reps": profile.min_reps, "max_reps": profile.max_reps,
+                        "mem_budget_gib": mem_budget_gib, "threads": threads}
+        self._context = None
+
+    def run(self, what: str, payload, *, cuda: bool, timeout_s: float, fallback):
+        """``what`` = "memory" (``payload`` a Case dict) or "time" (a list of them)."""
+        if cuda:
+            return self._interpreter(what, payload, timeout_s, fallback)
+        return self._fork(what, payload, timeout_s, fallback)
+
+    def _forkserver(self):
+        if self._context is None:
+            import multiprocessing
+
+            os.environ.update(worker_env())  # the server, and each process forked from it, inherit it
+            self._context = multiprocessing.get_context("forkserver")
+            self._context.set_forkserver_preload(list(PRELOAD))
+        return self._context
+
+    def _fork(self, what, payload, timeout_s, fallback):
+        import tempfile
+
+        from benchmarks import harness
+
+        ctx = self._forkserver()
+        receive, send = ctx.Pipe(duplex=False)
+        with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
+            proc = ctx.Process(target=harness.send_measurement, args=(send, what, payload, self.options, log.name))
+            proc.start()
+            send.close()
+            try:
+                if not receive.poll(timeout_s):
+                    return fallback("timeout", f"over {timeout_s:.0f} s")
+                return receive.recv()
+            except EOFError:  # the process died before sending: killed (out of memory) or crashed
+                proc.join()
+                tail = log.read().strip().splitlines()[-1:] or [f"exit status {proc.exitcode}"]
+                return fallback("oom" if proc.exitcode in (-9, 137) else "error", tail[0][:300])
+            finally:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+                receive.close()
+
+    def _interpreter(self, what, payload, timeout_s, fallback):
+        o = self.options
+        cmd = [sys.executable, str(HERE / "harness.py"), what, "--case" if what == "memory" else "--cases",
+               json.dumps(payload), "--target-s", str(o["target_s"]), "--min-reps", str(o["min_reps"]),
+               "--max-reps", str(o["max_reps"]), "--mem-budget-gib", f"{o['mem_budget_gib']:.2f}",
+               "--threads", str(o["threads"])]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=worker_env())
+        except subprocess.TimeoutExpired:
+            return fallback("timeout", f"over {timeout_s:.0f} s")
+        for line in reversed(proc.stdout.splitlines()):
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+        return fallback("oom" if proc.returncode in (-9, 137) else "error", tail[0][:300])
 
 
-def measure_group(group: list[Case], profile: Profile, *, in_process: bool, mem_budget_gib: float = 0.0,
-                  threads: int = 0) -> list[dict]:
+def measure_group(group: list[Case], profile: Profile, workers: Workers | None) -> list[dict]:
     """Records for the runnable cases of one comparison group (same shape, several methods): the memory of
-    each in its own fresh process, then the time of all of them interleaved in one process."""
+    each in its own fresh process, then the time of all of them interleaved in one process (``workers``
+    None: all in this process)."""
     from benchmarks import harness
 
-    if in_process:
+    if workers is None:
         memory = [harness.measure_memory(c) for c in group]
         times = harness.measure_times(group, target_s=profile.target_s, min_reps=profile.min_reps,
                                       max_reps=profile.max_reps)
-    else:
-        common = _common_args(profile, mem_budget_gib, threads)
-        memory = [
-            _harness(["memory", "--case", json.dumps(c.to_dict()), *common], profile.case_timeout_s,
-                     lambda status, note, c=c: {"case": c.to_dict(), "status": status, "note": note})
-            for c in group
-        ]
-        times = _harness(
-            ["time", "--cases", json.dumps([c.to_dict() for c in group]), *common],
-            profile.case_timeout_s * len(group),
-            lambda status, note: [{"case": c.to_dict(), "status": status, "note": note} for c in group],
-        )
+        return [harness.merge(m, t) for m, t in zip(memory, times)]
+    cuda = any(c.device == "cuda" for c in group)
+    memory = [
+        workers.run("memory", c.to_dict(), cuda=cuda, timeout_s=profile.case_timeout_s,
+                    fallback=lambda status, note, c=c: {"case": c.to_dict(), "status": status, "note": note})
+        for c in group
+    ]
+    times = workers.run(
+        "time", [c.to_dict() for c in group], cuda=cuda, timeout_s=profile.case_timeout_s * len(group),
+        fallback=lambda status, note: [{"case": c.to_dict(), "status": status, "note": note} for c in group],
+    )
     return [harness.merge(m, t) for m, t in zip(memory, times)]
 
 
@@ -317,7 +373,7 @@ def comparison_groups(cases: list[Case]) -> list[list[Case]]:
 def run_all(profile: Profile, *, in_process: bool, budget_min: float, log=print, threads: int = 0) -> list[dict]:
     groups = comparison_groups(unique_cases(profile.sections))
     start = time.monotonic()
-    mem_budget = min(12.0, 0.6 * _meminfo_gib("MemAvailable")) if not in_process else 0.0
+    workers = None if in_process else Workers(profile, min(12.0, 0.6 * _meminfo_gib("MemAvailable")), threads)
     records = []
     for g, group in enumerate(groups, 1):
         first = group[0]
@@ -337,8 +393,7 @@ def run_all(profile: Profile, *, in_process: bool, budget_min: float, log=print,
         if not runnable:
             continue
         t0 = time.monotonic()
-        for rec in measure_group(runnable, profile, in_process=in_process, mem_budget_gib=mem_budget,
-                                 threads=threads):
+        for rec in measure_group(runnable, profile, workers):
             records.append(rec)
             method = rec["case"]["method"]
             if rec["status"] == "ok":

@@ -177,6 +177,35 @@ def test_fresh_process_peak_memory_sees_the_logits():
     assert row["peak_extra_mib"] == mem["naive"]["peak_extra_mib"] and row["time_ms"] == times[0]["time_ms"]
 
 
+def test_forked_workers_measure_like_a_fresh_interpreter():
+    """`make bench` forks its measuring processes from a server with the peers imported: the peak memory
+    still sees the logits and nothing else, the timing runs, and a process that fails or hangs becomes a
+    row with its reason."""
+    shape = dict(vocab=4096, dim=64, tokens=1024, head="frozen")
+    logits_mib = shape["tokens"] * shape["vocab"] * 4 / (1 << 20)
+    profile = report.Profile([], target_s=0.01, min_reps=2, max_reps=2, case_timeout_s=120)
+    workers = report.Workers(profile, threads=1)
+
+    def fallback(status, note):
+        return {"status": status, "note": note}
+
+    naive, fused = (Case("logprobs", m, **shape) for m in ("naive", "fused"))
+    mem = {c.method: workers.run("memory", c.to_dict(), cuda=False, timeout_s=120, fallback=fallback)
+           for c in (naive, fused)}
+    assert all(rec["status"] == "ok" for rec in mem.values()), mem
+    assert logits_mib <= mem["naive"]["peak_extra_mib"] < 3 * logits_mib
+    assert mem["fused"]["peak_extra_mib"] < mem["naive"]["peak_extra_mib"] / 4
+    times = workers.run("time", [naive.to_dict(), fused.to_dict()], cuda=False, timeout_s=120,
+                        fallback=lambda status, note: [fallback(status, note)] * 2)
+    assert [r["status"] for r in times] == ["ok", "ok"] and times[0]["rounds"] == 2
+
+    bad = dict(naive.to_dict(), method="no-such-method")
+    failed = workers.run("memory", bad, cuda=False, timeout_s=120, fallback=fallback)
+    assert failed["status"] == "error" and "no-such-method" in failed["note"]
+    hung = workers.run("memory", naive.to_dict(), cuda=False, timeout_s=0.001, fallback=fallback)
+    assert hung == {"status": "timeout", "note": "over 0 s"}
+
+
 def test_harness_reports_skips_without_running():
     rec = report.run_all(report.Profile([report.Section("s", "s", [Case("logprobs", "liger", **TINY_OP)])]),
                          in_process=True, budget_min=1.0, log=lambda m: None)
