@@ -120,7 +120,7 @@ def time_chunk_step(dim: int, rounds: int) -> dict[str, float]:
     y = torch.randint(0, v_chunk, (n_chunk,), generator=gen)
 
     def stats(s, t, y):  # chunk_stats consumes its logits: time it on copies (a copy costs ~1% of it)
-        return chunk_stats(s.clone(), None if t is None else t.clone(), y)[0]
+        return chunk_stats(s.clone(), None if t is None else t.clone(), y)
 
     compiled = torch.compile(stats, dynamic=False)
     out = {"logits product": _median_s(lambda: h @ w.T, rounds)}

@@ -91,28 +91,26 @@ def _stats_torch(h, w, b, rh, rw, rb, y, inv_tau, expect_from=None):
     acc = accumulation_dtype(h.dtype)
     stats = h.new_empty((NUM_STATS, n), dtype=acc)
     has_ref = rh is not None
-    expected_w = None if expect_from is None else h.new_empty((n - expect_from, w.shape[1]), dtype=acc)
+    expected_w = None if expect_from is None else h.new_zeros((n - expect_from, w.shape[1]), dtype=acc)
     for i in range(0, n, n_chunk):
         rows = slice(i, i + n_chunk)
-        # Rows of this chunk that gather E_p[w]: from `expect_from` on, counted from the chunk's start.
-        first = None if expected_w is None or expect_from >= i + n_chunk else max(0, expect_from - i)
-        running = sum_p_w = None
+        # This chunk's rows that gather E_p[w] (from `expect_from` on) sum it straight into expected_w.
+        expected = None
+        if expected_w is not None and expect_from < i + n_chunk:
+            expected = expected_w[max(0, i - expect_from) : i + n_chunk - expect_from]
+        running = None
         for j in range(0, vocab, v_chunk):
             cols = slice(j, j + v_chunk)
             s = chunk_logits(h[rows], w[cols], None if b is None else b[cols], inv_tau)
             t = chunk_logits(rh[rows], rw[cols], None if rb is None else rb[cols], inv_tau) if has_ref else None
-            part, part_p_w = chunk_stats(s, t, y[rows] - j, None if first is None else w[cols].to(acc), first or 0)
-            if running is None:
-                running, sum_p_w = part, part_p_w
-                continue
-            merged = merge_partials(torch.stack((running, part)), has_ref)
-            if first is not None:  # both sums brought to the merged maximum of the policy's logits
-                m_old, m_new, m_all = running[M_S, first:], part[M_S, first:], merged[M_S, first:]
-                sum_p_w.mul_(torch.exp(m_old - m_all)[:, None]).add_(part_p_w.mul_(torch.exp(m_new - m_all)[:, None]))
-            running = merged
+            # Each chunk's statistics are relative to the running maximum or above, so E_p[w]'s running
+            # sum is rescaled in place and the merge leaves this chunk's share as it is.
+            part = chunk_stats(s, t, y[rows] - j, None if expected is None else w[cols].to(acc), expected,
+                               None if running is None else running[M_S])
+            running = part if running is None else merge_partials(torch.stack((running, part)), has_ref)
         stats[:, rows] = running
-        if first is not None:
-            expected_w[i + first - expect_from : i + n_chunk - expect_from] = sum_p_w.div_(running[Z_S, first:, None])
+        if expected is not None:
+            expected.div_(running[Z_S, -expected.shape[0]:, None])
     return stats, expected_w
 
 

@@ -30,13 +30,16 @@ def chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_t
 
 def chunk_stats(
     s: torch.Tensor, t: torch.Tensor | None, local_targets: torch.Tensor,
-    w: torch.Tensor | None = None, expect_from: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Statistics ``[NUM_STATS, n]`` of one logits chunk s [n, v] (t [n, v] or None), and with head rows
-    ``w`` [v, d] (the logits' dtype) also ``sum_v exp(s_v - m_s) w_v`` [n - expect_from, d] for the rows from
-    ``expect_from`` on: this chunk's share of E_p[w] (docs/design.md section 7); else None.
+    w: torch.Tensor | None = None, expected: torch.Tensor | None = None, m_floor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Statistics ``[NUM_STATS, n]`` of one logits chunk s [n, v] (t [n, v] or None).
 
     ``local_targets`` [n] index into this chunk; rows whose target lies outside it get target logit 0.
+    ``m_floor`` [n] (or None): the policy's running maximum over earlier chunks; the statistics are taken
+    relative to ``max(m_floor, max_v s)``, which merging with the earlier chunks then keeps unchanged.
+    ``expected`` [k, d] (with head rows ``w`` [v, d] in the logits' dtype): the running sum over earlier
+    chunks of ``exp(s_v - m) w_v`` for the last k rows, E_p[w] before its division by z
+    (docs/design.md section 7); it is brought to the new maximum and this chunk's share added, in place.
     ``s`` and ``t`` are consumed: their storage is reused for the exponentials, since chunk-sized
     temporaries are the torch path's whole working memory (three chunks at most, one without ``t``).
     """
@@ -46,21 +49,25 @@ def chunk_stats(
     idx = local_targets.clamp(0, v - 1)[:, None]
 
     stats[Y_S] = torch.where(in_chunk, s.gather(1, idx)[:, 0], 0.0)
-    stats[M_S] = s.amax(dim=1)
-    if t is None:
-        p = s.sub_(stats[M_S, :, None]).exp_()
-        stats[Z_S] = p.sum(dim=1)
-        return stats, None if w is None else p[expect_from:] @ w
-    stats[Y_T] = torch.where(in_chunk, t.gather(1, idx)[:, 0], 0.0)
-    stats[M_T] = t.amax(dim=1)
-    diff = s - t  # s - t, not s and t apart: the KL is a small difference of O(|logit|) terms
+    stats[M_S] = s.amax(dim=1) if m_floor is None else torch.maximum(s.amax(dim=1), m_floor)
+    if t is not None:
+        stats[Y_T] = torch.where(in_chunk, t.gather(1, idx)[:, 0], 0.0)
+        stats[M_T] = t.amax(dim=1)
+        diff = s - t  # s - t, not s and t apart: the KL is a small difference of O(|logit|) terms
     p = s.sub_(stats[M_S, :, None]).exp_()
+    stats[Z_S] = p.sum(dim=1)
+    if expected is not None:  # the product accumulates in place: no [k, d] temporary per chunk
+        k = expected.shape[0]
+        if m_floor is not None:
+            expected.mul_(torch.exp(m_floor[n - k:] - stats[M_S, n - k:])[:, None])
+        expected.addmm_(p[n - k:], w)
+    if t is None:
+        return stats
     q = t.sub_(stats[M_T, :, None]).exp_()
-    stats[Z_S], stats[Z_T] = p.sum(dim=1), q.sum(dim=1)
-    sum_p_w = None if w is None else p[expect_from:] @ w
+    stats[Z_T] = q.sum(dim=1)
     stats[A_S] = p.mul_(diff).sum(dim=1)
     stats[A_T] = -q.mul_(diff).sum(dim=1)
-    return stats, sum_p_w
+    return stats
 
 
 def merge_partials(partials: torch.Tensor, has_ref: bool) -> torch.Tensor:
