@@ -193,8 +193,12 @@ def test_forked_workers_measure_like_a_fresh_interpreter():
     mem = {c.method: workers.run("memory", c.to_dict(), cuda=False, timeout_s=120, fallback=fallback)
            for c in (naive, fused)}
     assert all(rec["status"] == "ok" for rec in mem.values()), mem
-    assert logits_mib <= mem["naive"]["peak_extra_mib"] < 3 * logits_mib
+    assert mem["naive"]["peak_extra_mib"] >= logits_mib
     assert mem["fused"]["peak_extra_mib"] < mem["naive"]["peak_extra_mib"] / 4
+    # The same peak in a new interpreter (cuda=True: the path CUDA groups take): nothing of the server's
+    # imports is counted. Repeated memory steps agree to about 0.1 MiB; 0.5 MiB is 3% of the logits.
+    fresh = workers.run("memory", naive.to_dict(), cuda=True, timeout_s=120, fallback=fallback)
+    assert fresh["status"] == "ok" and abs(fresh["peak_extra_mib"] - mem["naive"]["peak_extra_mib"]) < 0.5
     times = workers.run("time", [naive.to_dict(), fused.to_dict()], cuda=False, timeout_s=120,
                         fallback=lambda status, note: [fallback(status, note)] * 2)
     assert [r["status"] for r in times] == ["ok", "ok"] and times[0]["rounds"] == 2
