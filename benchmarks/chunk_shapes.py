@@ -8,8 +8,9 @@ Products: every chunk of an N x V sweep (N = 1024, V = 32000, d = 512) for the t
 path: the logits h_i w_j^T, dS_ij w_j (dh and, frozen, E_p[w]) and dS_ij^T h_i (dW), each shape the same
 2**18 elements. Ops (``--ops``): the suite's log-prob, token-KL and DPO steps with the fused path at each
 token chunk (``ops._TORCH_TOKEN_CHUNK``; the vocabulary chunk follows from the budget) and naive, alternating
-round by round in this process. Compile (``--compile``): one chunk's statistics (everything
-of the forward but its product) eager and under ``torch.compile``, beside the chunk's logits product. Medians; benchmarks/TUNING.md section 4 records what they showed.
+round by round in this process. Compile (``--compile``): one chunk's statistics (everything of the forward
+but its product) eager and under ``torch.compile``, beside the chunk's logits product. Medians;
+benchmarks/TUNING.md section 4 records what they showed.
 """
 
 import argparse
@@ -110,10 +111,9 @@ def _median_s(fn, rounds: int) -> float:
     return statistics.median(times)
 
 
-def time_chunk_step(dim: int, rounds: int) -> dict[str, float]:
-    """Median seconds, at the default CPU chunk: its logits product, and its statistics with and without a
-    reference, eager and compiled (the logits given, so only the elementwise work is timed)."""
-    n_chunk, v_chunk = ops.chunk_shape(1 << 20, 1 << 20, torch.device("cpu"))
+def time_chunk_step(n_chunk: int, v_chunk: int, dim: int, rounds: int) -> dict[str, float]:
+    """Median seconds, for one n_chunk x v_chunk chunk: its logits product, and its statistics with and
+    without a reference, eager and compiled (the logits given, so only the elementwise work is timed)."""
     gen = torch.Generator().manual_seed(0)
     h, w = torch.randn(n_chunk, dim, generator=gen), torch.randn(v_chunk, dim, generator=gen) / dim**0.5
     s, t = h @ w.T, (h + 0.3 * torch.randn(h.shape, generator=gen)) @ w.T
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     if args.compile:
         n_chunk, v_chunk = ops.chunk_shape(1 << 20, 1 << 20, torch.device("cpu"))
         print(f"\n| one {n_chunk} x {v_chunk} chunk | ms |\n|---|---:|")
-        for label, seconds in time_chunk_step(dim, 10 * args.rounds).items():
+        for label, seconds in time_chunk_step(n_chunk, v_chunk, dim, 10 * args.rounds).items():
             print(f"| {label} | {seconds * 1e3:.2f} |")
     return 0
 

@@ -305,8 +305,7 @@ class Workers:
                 return receive.recv()
             except EOFError:  # the process died before sending: killed (out of memory) or crashed
                 proc.join()
-                tail = log.read().strip().splitlines()[-1:] or [f"exit status {proc.exitcode}"]
-                return fallback("oom" if proc.exitcode in (-9, 137) else "error", tail[0][:300])
+                return _died(proc.exitcode, log.read(), fallback)
             finally:
                 if proc.is_alive():
                     proc.kill()
@@ -326,8 +325,13 @@ class Workers:
         for line in reversed(proc.stdout.splitlines()):
             if line.startswith("RESULT "):
                 return json.loads(line[len("RESULT "):])
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-        return fallback("oom" if proc.returncode in (-9, 137) else "error", tail[0][:300])
+        return _died(proc.returncode, proc.stderr or proc.stdout, fallback)
+
+
+def _died(exit_code: int, output: str, fallback):
+    """``fallback`` for a measuring process that ended without a result: its last line of output says why."""
+    tail = output.strip().splitlines()[-1:] or [f"exit status {exit_code}"]
+    return fallback("oom" if exit_code in (-9, 137) else "error", tail[0][:300])
 
 
 def measure_group(group: list[Case], profile: Profile, workers: Workers | None) -> list[dict]:

@@ -45,10 +45,9 @@ class TokenKL(NamedTuple):
 # product [512, d] x [d, 512] about 1.35x as fast as [128, d] x [d, 2048] (benchmarks/TUNING.md section 4,
 # item 7); fewer tokens widen the vocabulary chunk up to 2048 entries, past which the chunk leaves the
 # cache. On a GPU (forced torch backend) 2**22 elements, 2048 x 2048, keep ~100 MiB of temporaries and the
-# products at a useful size. Two more
-# tensors on this path, both the size of the gradient dh: with a frozen head, E_p[W] (fp32 [N, d]) is kept
-# from the forward to the backward (docs/design.md section 7); a trained head's backward walks 1024 x 256
-# chunks instead (same element budget; see chunk_shape).
+# products at a useful size. Two more tensors on this path, both the size of the gradient dh: with a frozen
+# head, E_p[W] (fp32 [N, d]) is kept from the forward to the backward (docs/design.md section 7); a trained
+# head's backward walks 1024 x 256 chunks instead (same element budget; see chunk_shape).
 # The Triton path's only chunk is dS (bf16), written by the kernel and read by two cuBLAS products:
 # 2**26 elements (128 MiB). Its token chunk spans every token whenever it can (up to 65536), so each
 # vocabulary chunk's dW comes from one product written straight into the gradient, with no fp32
