@@ -6,7 +6,7 @@ Triton path on CPU tensors with ``FIREMPO_BACKEND=triton`` (see the ``backend`` 
 tests, which need real JIT functions, run in a subprocess without the variable.
 
 Random inputs are fresh in every session: each test is seeded from a session seed and its own name, and the
-session seed is printed in the header. ``FIREMPO_TEST_SEED=<int>`` replays a session.
+session seed is printed in the header (and after the failures). ``FIREMPO_TEST_SEED=<int>`` replays a session.
 """
 
 import os
@@ -22,6 +22,12 @@ SESSION_SEED = int(os.environ.get("FIREMPO_TEST_SEED", int.from_bytes(os.urandom
 
 def pytest_report_header(config):
     return f"FIREMPO_TEST_SEED={SESSION_SEED}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """``-q`` hides the header: a failing session names its seed again at the end, so it can be replayed."""
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(f"replay with FIREMPO_TEST_SEED={SESSION_SEED}")
 
 
 @pytest.fixture(params=["torch", "triton"])
