@@ -52,7 +52,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.report import update_results_md  # noqa: E402
+from benchmarks.report import save_figure, update_results_md, write_whole  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
@@ -309,7 +309,7 @@ def _run_line(rows: list[dict], reps: int) -> str:
 
 def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "step.json").write_text(json.dumps(rows, indent=1))
+    write_whole(out / "step.json", json.dumps(rows, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -338,7 +338,7 @@ def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD)
         ax_t.legend()
         fig.suptitle(f"one FiRe-MPO step, Qwen2.5-VL (d {HIDDEN}, {LAYERS} layers, V {VOCAB}), {fixed}")
         fig.tight_layout()
-        fig.savefig(out / name, dpi=110)
+        save_figure(fig, out / name)
         plt.close(fig)
 
     lines = [
@@ -370,7 +370,7 @@ def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD)
 
 def write_dpo(rows: list[dict], out: Path, reps: int) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "step_dpo.json").write_text(json.dumps(rows, indent=1))
+    write_whole(out / "step_dpo.json", json.dumps(rows, indent=1))
     lines = [
         _run_line(rows, reps),
         "",

@@ -476,8 +476,8 @@ def main(argv=None) -> int:
         bench_note = "See report.md (same directory): every method at V = 151936, bf16, allocator peaks."
 
     summary = render_summary(env, correctness, rates, floors, bench_note)
-    (args.out / "gpu_check.md").write_text(summary)
-    (args.out / "gpu_check.json").write_text(json.dumps(
+    report.write_whole(args.out / "gpu_check.md", summary)
+    report.write_whole(args.out / "gpu_check.json", json.dumps(
         {"env": env, "correctness": correctness, "rates": rates, "floors": floors}, indent=1, default=str))
     failed = [r for r in correctness if r.get("passed") is False]
     log(f"gpu_check: {len(correctness) - len(failed)}/{len(correctness)} correctness cases without failure; "

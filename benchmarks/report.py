@@ -624,7 +624,7 @@ def plot(section: Section, records: list[dict], path: Path, machine: dict) -> bo
     where = machine["gpu"] or f"{machine['cpu']}, {machine['cores']} cores"
     fig.suptitle(f"{section.title}\n{where}, torch {machine['torch']}, {machine['date']}", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return True
 
@@ -637,9 +637,25 @@ def update_results_md(path: Path, block: str, begin: str = BEGIN, end: str = END
         text = text.rstrip() + f"\n\n{begin}\n{end}\n"
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{head}{begin}\n{block.rstrip()}\n{end}{tail}", encoding="utf-8")
-    os.replace(tmp, path)
+    write_whole(path, f"{head}{begin}\n{block.rstrip()}\n{end}{tail}")
+
+
+def write_whole(path: Path, data: str | bytes) -> None:
+    """``data`` into ``path`` through a temporary file and one rename: an interrupted run leaves the file it
+    replaces whole (``--merge`` reads the last run's results.json back)."""
+    from firempo_kernels.integrations.cli import atomic_write
+
+    with atomic_write(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG at ``path``, written whole (``write_whole``)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=110, format="png")
+    write_whole(path, buffer.getvalue())
 
 
 def write_outputs(profile: Profile, records: list[dict], out_dir: Path, command: str,
@@ -655,8 +671,8 @@ def write_outputs(profile: Profile, records: list[dict], out_dir: Path, command:
                 plots.append(name)
     if plots:
         text += "\n" + "\n".join(f"![{p}]({p})" for p in plots) + "\n"
-    (out_dir / "report.md").write_text("# Benchmark report\n\n" + text)
-    (out_dir / "results.json").write_text(json.dumps(
+    write_whole(out_dir / "report.md", "# Benchmark report\n\n" + text)
+    write_whole(out_dir / "results.json", json.dumps(
         {"machine": machine, "command": command, "records": records,
          "checks": [{k: v for k, v in c.items()} for c in evaluate_checks(profile.checks, records)]},
         indent=1,
