@@ -736,7 +736,17 @@ def main(argv=None) -> int:
     write_outputs(profile, records, args.out, command, results_md)
     print(f"wrote {args.out}/report.md" + (f" and {results_md}" if results_md else "")
           + f" in {(time.monotonic() - t0) / 60:.1f} min")
+    unfinished = sections_not_run(profile.sections, records)
+    if unfinished:
+        print(f"not run (time budget): {', '.join(unfinished)}; to measure them and keep the rest: "
+              f".venv/bin/python benchmarks/report.py --only {' '.join(unfinished)} --merge")
     return 0
+
+
+def sections_not_run(sections: list[Section], records: list[dict]) -> list[str]:
+    """Names of the sections with a case that a spent time budget left unmeasured, in the profile's order."""
+    waiting = {Case.from_dict(r["case"]) for r in records if r["status"] == "not run"}
+    return [s.name for s in sections if waiting.intersection(s.cases)]
 
 
 if __name__ == "__main__":

@@ -358,11 +358,14 @@ def test_busy_check_table_and_block(tmp_path, monkeypatch):
     assert text.count(busy_check.BEGIN) == 1 and f"{report.BEGIN}\nsuite\n{report.END}" in text and "notes" in text
 
 
-def test_merge_completes_a_cut_run_and_from_results_renders_it_again(tmp_path):
-    """A run cut by its time budget is completed section by section (--merge keeps the other sections'
-    records), and --from-results renders the tables again without measuring."""
+def test_merge_completes_a_cut_run_and_from_results_renders_it_again(tmp_path, capsys):
+    """A run cut by its time budget says which sections it left and the command that measures them;
+    --merge completes it section by section (keeping the other sections' records), and --from-results
+    renders the tables again without measuring."""
     out, md = tmp_path / "report", tmp_path / "RESULTS.md"
     common = ["--profile", "tiny", "--in-process", "--out", str(out), "--results-md", str(md)]
+    assert report.main(common + ["--budget-min", "-1"]) == 0  # spent before the first group
+    assert "report.py --only ops spans --merge" in capsys.readouterr().out
     assert report.main(common + ["--only", "ops"]) == 0
     first = json.loads((out / "results.json").read_text())["records"]
     assert report.main(common + ["--only", "spans", "--merge"]) == 0
