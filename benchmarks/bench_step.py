@@ -52,7 +52,8 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.report import save_figure, update_results_md, write_whole  # noqa: E402
+from benchmarks.report import save_figure, update_results_md  # noqa: E402
+from firempo_kernels.integrations.cli import write_whole  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"

@@ -425,6 +425,7 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     source = ensure_importable()
     from benchmarks import report
+    from firempo_kernels.integrations.cli import write_whole
 
     smoke = args.smoke
     if not smoke and not torch.cuda.is_available():
@@ -476,8 +477,8 @@ def main(argv=None) -> int:
         bench_note = "See report.md (same directory): every method at V = 151936, bf16, allocator peaks."
 
     summary = render_summary(env, correctness, rates, floors, bench_note)
-    report.write_whole(args.out / "gpu_check.md", summary)
-    report.write_whole(args.out / "gpu_check.json", json.dumps(
+    write_whole(args.out / "gpu_check.md", summary)
+    write_whole(args.out / "gpu_check.json", json.dumps(
         {"env": env, "correctness": correctness, "rates": rates, "floors": floors}, indent=1, default=str))
     failed = [r for r in correctness if r.get("passed") is False]
     log(f"gpu_check: {len(correctness) - len(failed)}/{len(correctness)} correctness cases without failure; "

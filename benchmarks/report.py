@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.workloads import METHOD_NOTES, METHODS, Case, skip_reason  # noqa: E402
+from firempo_kernels.integrations.cli import atomic_write, write_whole  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
@@ -640,22 +641,10 @@ def update_results_md(path: Path, block: str, begin: str = BEGIN, end: str = END
     write_whole(path, f"{head}{begin}\n{block.rstrip()}\n{end}{tail}")
 
 
-def write_whole(path: Path, data: str | bytes) -> None:
-    """``data`` into ``path`` through a temporary file and one rename: an interrupted run leaves the file it
-    replaces whole (``--merge`` reads the last run's results.json back)."""
-    from firempo_kernels.integrations.cli import atomic_write
-
-    with atomic_write(path, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-
-
 def save_figure(fig, path: Path) -> None:
-    """A matplotlib figure as a PNG at ``path``, written whole (``write_whole``)."""
-    import io
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=110, format="png")
-    write_whole(path, buffer.getvalue())
+    """A matplotlib figure as a PNG at ``path``, written whole (``atomic_write``)."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, dpi=110, format="png")
 
 
 def write_outputs(profile: Profile, records: list[dict], out_dir: Path, command: str,

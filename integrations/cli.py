@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["USER_ERRORS", "run_command", "check_writable_file", "check_writable_dir", "atomic_write"]
+__all__ = ["USER_ERRORS", "run_command", "check_writable_file", "check_writable_dir", "atomic_write", "write_whole"]
 
 #: Errors that mean "the input, the config or the environment is wrong", not "the program is wrong". OSError
 #: covers unreadable images ("image file is truncated"), missing or unwritable paths, a full disk.
@@ -84,3 +84,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_whole(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` through :func:`atomic_write`; returns the path."""
+    with atomic_write(path, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    return Path(path)

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import atomic_write, run_command
+from .cli import atomic_write, run_command, write_whole
 
 _DEMO_MARKER = ".firempo-demo"
 TRAIN_CURVES = ("loss", "rewards/margins", "rewards/accuracies", "kl/forward", "kl/reverse", "visual/margins")
@@ -170,7 +170,7 @@ def write_run_config(out: Path, base_dir: Path, pairs: Path, cfg: DemoConfig) ->
         },
     }
     path = out / "run.json"
-    _write_text(path, json.dumps(run, indent=2))
+    write_whole(path, json.dumps(run, indent=2))
     return path
 
 
@@ -213,13 +213,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def write_metrics(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """The rows as JSON lines, written to a temporary file and renamed, so a crash never leaves half a file."""
-    return _write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def _write_text(path: Path, text: str) -> Path:
-    with atomic_write(path) as f:
-        f.write(text)
-    return path
+    return write_whole(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], png: Path, *, dpi: int = 110) -> Path:
@@ -363,7 +357,7 @@ def write_report(out: Path, cfg: DemoConfig, facts: dict[str, Any], rows, base, 
         "corruption, the loss under ZeRO-3, the evaluation), not what the method does for a 7B medical model.",
     ]
     text = "\n\n".join(sections) + "\n"
-    return _write_text(out / "report.md", text)
+    return write_whole(out / "report.md", text)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,7 +439,7 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
     trained, _ = load_model(str(final))
     trained_report = evaluate(heldout, ModelScorer(trained, processor))
     eval_path = out / "eval.json"
-    _write_text(eval_path, json.dumps({"base": base_report.to_json(), "trained": trained_report.to_json(),
+    write_whole(eval_path, json.dumps({"base": base_report.to_json(), "trained": trained_report.to_json(),
                                        "config": asdict(cfg)}, indent=2))
     _say(f"trained model: closed accuracy {100 * trained_report.accuracy:.1f}%, visual sensitivity "
          f"{trained_report.sensitivity:+.3f} nats; wrote both evaluations to {eval_path}")
