@@ -1,9 +1,12 @@
 """A deterministic synthetic medical VQA set: the embedded default of the demo and of the tests.
 
-Each scan is a small grayscale chest-like image: a body ellipse with two darker lung fields and a bright
-round lesion of known place (left or right lung, upper or lower half) and size (small or large), or no
-lesion at all. "Left" is the patient's left, shown on the right of the image as radiographs are read.
-Every scan comes with its lesion mask and box, and with questions:
+Each scan is a small grayscale chest-like image: a body ellipse with two darker lung fields crossed by faint
+ribs, textured tissue (smooth blotches and fine grain), and a faint soft-edged nodule of known place (left or
+right lung, upper or lower half), size (small or large, each a spread of radii) and contrast (14-40 grey
+levels over tissue that varies by about 8), lying inside its lung field; or no lesion at all. The faintest
+lesions are hard to tell from the texture, so reading a scan is a skill a model has to learn, and one it can
+have in part. "Left" is the patient's left, shown on the right of the image as radiographs are read. Every scan
+comes with its lesion mask (where the nodule stands at least half its height) and box, and with questions:
 
 * closed: side (left/right), level (upper/lower), size (small/large), presence (a lesion/no lesion);
 * open: "Where is the lesion?", answered with side and level, with the three wrong places as known
@@ -46,6 +49,32 @@ class Scan:
     size: str | None
     center: tuple[float, float] | None  # (x, y) in pixels
     radius: float | None
+    contrast: float | None = None  #: grey levels the lesion's centre stands above the lung tissue
+
+
+# Anatomy, in fractions of the image side: the lungs' centres (image-left lung = patient's right) and their
+# half-axes. The detectors of :mod:`.evidence` find the lungs from the pixels, not from these numbers.
+LUNG_CENTERS_X = (0.30, 0.70)
+LUNG_CENTER_Y = 0.48
+LUNG_HALF_AXES = (0.15, 0.33)
+# Lesion radii (fractions of the side) of the two size classes, and the contrast range in grey levels. A
+# contrast of 14-40 over tissue whose texture has a standard deviation of about 8 makes the lesion faint:
+# visible to a filter matched to it, not the brightest thing in the image (the body is 50 levels brighter
+# than the lung).
+RADIUS_RANGE = {"small": (0.055, 0.08), "large": (0.105, 0.135)}
+CONTRAST_RANGE = (14.0, 40.0)
+QUESTION_KINDS = ("side", "level", "size", "presence", "where")
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], width: float) -> np.ndarray:
+    """Unit-variance Gaussian noise blurred by a Gaussian of ``width`` pixels: tissue-like texture."""
+    noise = rng.normal(0.0, 1.0, size=shape)
+    radius = max(1, int(np.ceil(3 * width)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / width) ** 2)
+    taps /= taps.sum()
+    for axis in (0, 1):
+        noise = np.apply_along_axis(lambda v: np.convolve(np.pad(v, radius, mode="wrap"), taps, "valid"), axis, noise)
+    return noise / noise.std()
 
 
 def _draw_scan(index: int, rng: np.random.Generator, image_size: int, lesion_rate: float):
@@ -55,24 +84,51 @@ def _draw_scan(index: int, rng: np.random.Generator, image_size: int, lesion_rat
     body = ((xx - s / 2) / (0.46 * s)) ** 2 + ((yy - s / 2) / (0.48 * s)) ** 2 <= 1
     img[body] = 105.0
     lungs = []
-    for cx in (0.30 * s, 0.70 * s):  # image-left lung = patient's right
-        lung = ((xx - cx) / (0.15 * s)) ** 2 + ((yy - 0.48 * s) / (0.33 * s)) ** 2 <= 1
+    ax, ay = LUNG_HALF_AXES
+    for cx in LUNG_CENTERS_X:
+        lung = ((xx - cx * s) / (ax * s)) ** 2 + ((yy - LUNG_CENTER_Y * s) / (ay * s)) ** 2 <= 1
         img[lung] = 55.0
         lungs.append(lung)
-    img += rng.normal(0.0, 6.0, size=img.shape)  # tissue texture, so no two scans are alike
+    # Ribs: faint bright bands across both lungs at a per-scan phase, so brightness alone is no lesion.
+    period = 0.16 * s
+    phase = rng.uniform(0, period)
+    ribs = 7.0 * np.exp(-0.5 * (((yy - phase) % period - period / 2) / (0.025 * s)) ** 2)
+    img[lungs[0] | lungs[1]] += ribs[lungs[0] | lungs[1]]
+    # Texture: smooth blotches plus fine grain, about 8 grey levels in all.
+    img += 6.5 * _smooth_noise(rng, img.shape, 0.04 * s) + rng.normal(0.0, 4.0, size=img.shape)
     scan = Scan(index, None, None, None, None, None)
     mask = np.zeros((image_size, image_size), dtype=bool)
     if rng.random() < lesion_rate:
         side = SIDES[int(rng.integers(2))]
         level = LEVELS[int(rng.integers(2))]
         size = SIZES[int(rng.integers(2))]
-        radius = (0.07 if size == "small" else 0.13) * s
-        cx = (0.70 if side == "left" else 0.30) * s + rng.uniform(-0.04, 0.04) * s
-        cy = (0.32 if level == "upper" else 0.64) * s + rng.uniform(-0.04, 0.04) * s
-        mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= radius**2
-        img[mask] = 205.0 + rng.normal(0.0, 6.0, size=int(mask.sum()))
-        scan = Scan(index, side, level, size, (float(cx), float(cy)), float(radius))
+        lung_x = LUNG_CENTERS_X[1] if side == "left" else LUNG_CENTERS_X[0]
+        radius = rng.uniform(*RADIUS_RANGE[size]) * s
+        # Inside its lung: the centre is drawn in the lung's half for the level, and redrawn until the disc
+        # lies in the lung field (the lung ellipse shrunk by the radius).
+        for _ in range(1000):
+            cx = (lung_x + rng.uniform(-0.6, 0.6) * ax) * s
+            cy = (LUNG_CENTER_Y + (-1 if level == "upper" else 1) * rng.uniform(0.2, 0.75) * ay) * s
+            inner = ((cx - lung_x * s) / (ax * s - radius)) ** 2 + ((cy - LUNG_CENTER_Y * s) / (ay * s - radius)) ** 2
+            if inner <= 1:
+                break
+        else:  # unreachable at the shipped radii; a guard against edits that make the lesion too large
+            raise AssertionError(f"no place for a {size} lesion in the {side} lung at image_size {image_size}")
+        contrast = rng.uniform(*CONTRAST_RANGE)
+        r2 = (xx - cx) ** 2 + (yy - cy) ** 2
+        # A soft-edged nodule: flat top, Gaussian shoulder; the mask is where it is at least half its height.
+        profile = np.exp(-0.5 * (np.maximum(np.sqrt(r2) - 0.5 * radius, 0.0) / (0.35 * radius)) ** 2)
+        img += contrast * profile
+        mask = r2 <= radius**2
+        scan = Scan(index, side, level, size, (float(cx), float(cy)), float(radius), float(contrast))
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask, scan
+
+
+def question_kind(record_or_id) -> str | None:
+    """The kind of a synthetic question (one of :data:`QUESTION_KINDS`) from its record or id, else None."""
+    rid = record_or_id if isinstance(record_or_id, str) else getattr(record_or_id, "id", "")
+    kind = rid.rsplit("-", 1)[-1] if isinstance(rid, str) else ""
+    return kind if kind in QUESTION_KINDS else None
 
 
 def _questions(scan: Scan, rid: str, image: str, mask: str | None, bbox) -> list[QARecord]:
