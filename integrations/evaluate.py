@@ -1,6 +1,6 @@
 """Evaluation of a (vision-)language model on held-out question records, base and trained side by side.
 
-Two measures, both from response log-probabilities (the sum over the response's tokens, EOS included,
+Every measure comes from response log-probabilities (the sum over the response's tokens, EOS included,
 given the image and the question; computed from hidden states with the fused op, no logits):
 
 * **closed-question accuracy** by log-prob ranking: for a closed record, each candidate is put in place of
@@ -8,7 +8,15 @@ given the image and the question; computed from hidden states with the fused op,
   record counts as right when the ground truth scores strictly above every other candidate (a tie is wrong);
 * **visual sensitivity**: how much the ground-truth answer's log-prob drops when the lesion is corrupted,
   ``log p(answer | v, q) - log p(answer | v', q)``, averaged over records with a corrupted image (in nats;
-  larger means the answer depends more on the lesion), with the share of records where it drops at all.
+  larger means the answer depends more on the lesion), with the share of records where it drops at all;
+* **per question kind** (:class:`KindReport`, the synthetic set's side, level, size, presence and where
+  questions, and "other" for real data): accuracy on v and on v' (the right answer is still v's), the
+  margin of the right answer over the best wrong one on v and on v' and how much nearer zero it gets
+  (less sure on v'), the drop above, the presence question's "no lesion" rate on scans that have a lesion,
+  and the where question ranked against its known wrong answers. Where v' removes the lesion, side, level
+  and size have no right answer on v': a larger drop there can mean a confidently wrong model, which is
+  why the accuracy and margins on v' stand beside it. :func:`kind_table` puts models side by side, and
+  :func:`mean_and_se` aggregates a measure across seeds.
 
 Command line::
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +41,7 @@ from .data._progress import progress
 from .data.dataset import PromptEncoder, load_image
 from .data.editors import find_candidates, replace_spans
 from .data.records import QARecord, load_qa_records
+from .data.synthetic import QUESTION_KINDS, question_kind
 from .data.tags import encode_response
 
 
@@ -117,6 +127,56 @@ def candidate_responses(record: QARecord) -> list[tuple[str, str]] | None:
     return [(right, record.ground_truth)] + [(c, replace_spans(record.ground_truth, spans, c)) for c in others]
 
 
+OTHER_KIND = "other"
+"""The :attr:`EvalReport.by_kind` key of records whose kind :func:`~.data.synthetic.question_kind` does not
+know (real data)."""
+
+PRESENCE_CANDIDATES = ("a lesion", "no lesion")
+"""The presence question's candidates: a presence record whose right candidate is the first is a scan with a
+lesion, and its "no lesion" rate compares the second against it."""
+
+
+@dataclass
+class KindReport:
+    """What :func:`evaluate` measured on the records of one question kind (one model).
+
+    v is the clean image, v' the lesion-corrupted one. A record is *ranked* when it is closed (its
+    candidates put in place of the right one, see :func:`candidate_responses`) or, for the synthetic
+    ``where`` question, when it has known ``wrong_answers`` (the ground truth against each of them). The
+    right response is always the ground truth of v, also when ranking with v'. A ranking is right when the
+    right response scores strictly above every other one (a tie is wrong). The margin of a ranked record given
+    an image is ``m = log p(right | img) - max over the other responses of log p(other | img)``, in nats.
+
+    Measures on v are over the ``ranked`` records, measures on v' and the paired ones over the
+    ``ranked_corrupted`` records (those of them with v'). Means come with the standard error
+    ``sample standard deviation / sqrt(n)`` (nan for n < 2), shares with ``sqrt(p (1 - p) / n)``; a measure
+    with no record is nan.
+    """
+
+    ranked: int = 0  #: records ranked on v
+    chance: float = math.nan  #: mean over ranked records of 1 / responses ranked: a blind guess's accuracy
+    accuracy: float = math.nan  #: share of ranked records right on v
+    accuracy_se: float = math.nan
+    ranked_corrupted: int = 0  #: ranked records with v', ranked on v' too
+    accuracy_corrupted: float = math.nan  #: share of them right on v' (right = the ground truth of v)
+    accuracy_corrupted_se: float = math.nan
+    margin: float = math.nan  #: mean margin m on v
+    margin_se: float = math.nan
+    margin_corrupted: float = math.nan  #: mean margin m on v'
+    margin_corrupted_se: float = math.nan
+    margin_shrink: float = math.nan  #: mean of |m_v| - |m_v'|: positive when the model is less sure on v'
+    margin_shrink_se: float = math.nan
+    corrupted: int = 0  #: records with a ground truth and v' (ranked or not): those of ``drop``
+    drop: float = math.nan  #: mean log p(ground truth | v) - log p(ground truth | v'), nats
+    drop_se: float = math.nan
+    lesion_scans: int = 0  #: presence records of scans with a lesion, ranked on v
+    no_lesion_rate: float = math.nan  #: share of them where "no lesion" scores above "a lesion" given v
+    no_lesion_rate_se: float = math.nan
+    lesion_scans_corrupted: int = 0  #: those of them with v'
+    no_lesion_rate_corrupted: float = math.nan  #: share where "no lesion" scores above "a lesion" given v'
+    no_lesion_rate_corrupted_se: float = math.nan
+
+
 @dataclass
 class EvalReport:
     """What :func:`evaluate` measured on one model."""
@@ -128,61 +188,200 @@ class EvalReport:
     sensitivity_se: float  #: standard error of ``sensitivity`` (nan with fewer than 2 records)
     corrupted: int  #: records with v' scored
     by_question: dict[str, tuple[int, int]] = field(default_factory=dict)  #: question -> (right, total)
+    #: question kind (:data:`~.data.synthetic.QUESTION_KINDS` order, then :data:`OTHER_KIND`) -> its measures
+    by_kind: dict[str, KindReport] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in asdict(self).items()}
+        """The report as JSON-ready data (``by_kind`` as nested objects), nan written as None."""
+        return _json_ready(asdict(self))
 
 
-def evaluate(records: Sequence[QARecord], scorer: Scorer) -> EvalReport:
-    """Closed-question accuracy and visual sensitivity of one model on ``records``.
+def _json_ready(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_json_ready(v) for v in x)
+    return None if isinstance(x, float) and math.isnan(x) else x
 
-    Args:
-        records: held-out question records; closed ones (``candidates``) are ranked, those with a
-            ``ground_truth`` and a ``corrupted_image`` enter the sensitivity.
-        scorer: :class:`ModelScorer` or any :data:`Scorer`.
+
+def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
+    """The mean of ``values`` and its standard error, ``sample standard deviation / sqrt(n)``.
+
+    For aggregating one measure across seeds (or records). ``(nan, nan)`` without values, the standard
+    error is nan for fewer than 2; a nan among the values makes both nan.
+
+    Raises:
+        TypeError: ``values`` is not a sequence of real numbers (bools and strings refused).
     """
-    requests: list[ScoreRequest] = []
-    ranked: list[tuple[QARecord, int, int]] = []  # record, first request, number of candidates
-    sensitive: list[int] = []  # index of the clean request; the corrupted one follows it
-    for rec in records:
-        cands = candidate_responses(rec)
-        if cands is not None:
-            ranked.append((rec, len(requests), len(cands)))
-            requests += [ScoreRequest(rec.image, rec.question, resp) for _, resp in cands]
-        if rec.ground_truth is not None and rec.corrupted_image is not None:
-            sensitive.append(len(requests))
-            requests += [
-                ScoreRequest(rec.image, rec.question, rec.ground_truth),
-                ScoreRequest(rec.corrupted_image, rec.question, rec.ground_truth),
-            ]
-    scores = list(scorer(requests)) if requests else []
-    if len(scores) != len(requests):
-        raise ValueError(f"evaluate: the scorer returned {len(scores)} scores for {len(requests)} requests")
-    by_question: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    right = 0
-    for rec, start, n in ranked:
-        s = scores[start : start + n]
-        ok = all(s[0] > x for x in s[1:])
-        right += ok
-        by_question[rec.question][0] += ok
-        by_question[rec.question][1] += 1
-    drops = [scores[i] - scores[i + 1] for i in sensitive]
-    return EvalReport(
-        accuracy=right / len(ranked) if ranked else math.nan,
-        closed=len(ranked),
-        sensitivity=sum(drops) / len(drops) if drops else math.nan,
-        sensitivity_drops=sum(d > 0 for d in drops) / len(drops) if drops else math.nan,
-        sensitivity_se=_standard_error(drops),
-        corrupted=len(drops),
-        by_question={q: (r, n) for q, (r, n) in sorted(by_question.items())},
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not hasattr(values, "__iter__"):
+        raise TypeError(f"mean_and_se: `values` must be a sequence of real numbers; got {type(values).__name__}")
+    vals = list(values)
+    for i, v in enumerate(vals):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"mean_and_se: `values[{i}]` must be a real number; got {type(v).__name__} {v!r}")
+    n = len(vals)
+    if n == 0:
+        return math.nan, math.nan
+    mean = math.fsum(vals) / n
+    if n < 2:
+        return mean, math.nan
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1) / n)
+
+
+def _share(flags: Sequence[bool]) -> tuple[float, float]:
+    """A proportion and its standard error ``sqrt(p (1 - p) / n)``; nan for no flags."""
+    if not flags:
+        return math.nan, math.nan
+    p = sum(flags) / len(flags)
+    return p, math.sqrt(p * (1 - p) / len(flags))
+
+
+def _ranking(record: QARecord, kind: str) -> list[tuple[str | None, str]] | None:
+    """``(candidate, response)`` pairs to rank, the ground truth first: the closed record's candidates, or
+    for the ``where`` question the ground truth and its known wrong answers (candidate None)."""
+    closed = candidate_responses(record)
+    if closed is not None or kind != "where" or record.ground_truth is None:
+        return closed
+    wrong = [w for w in dict.fromkeys(record.wrong_answers) if w != record.ground_truth]
+    if not wrong:
+        return None
+    return [(None, record.ground_truth)] + [(None, w) for w in wrong]
+
+
+@dataclass
+class _Scored:
+    """One record's part of the evaluation: indices of its requests on v and on v' (ground truth first)."""
+
+    record: QARecord
+    kind: str
+    ranking: list[tuple[str | None, str]] | None
+    clean: list[int]
+    corrupted: list[int] | None
+
+
+def _margin(s: Sequence[float]) -> float:
+    return s[0] - max(s[1:])
+
+
+def _kind_report(parts: Sequence[_Scored], scores: Sequence[float]) -> KindReport:
+    acc_v: list[bool] = []
+    acc_c: list[bool] = []
+    m_v: list[float] = []
+    m_c: list[float] = []
+    shrink: list[float] = []
+    drops: list[float] = []
+    no_v: list[bool] = []
+    no_c: list[bool] = []
+    chance: list[float] = []
+    for p in parts:
+        sv = [scores[i] for i in p.clean]
+        sc = None if p.corrupted is None else [scores[i] for i in p.corrupted]
+        if sc is not None:
+            drops.append(sv[0] - sc[0])
+        if p.ranking is None:
+            continue
+        chance.append(1 / len(sv))
+        acc_v.append(all(sv[0] > x for x in sv[1:]))
+        m_v.append(_margin(sv))
+        if sc is not None:
+            acc_c.append(all(sc[0] > x for x in sc[1:]))
+            m_c.append(_margin(sc))
+            shrink.append(abs(m_v[-1]) - abs(m_c[-1]))
+        names = [c for c, _ in p.ranking]
+        if p.kind == "presence" and names[0] == PRESENCE_CANDIDATES[0] and PRESENCE_CANDIDATES[1] in names:
+            j = names.index(PRESENCE_CANDIDATES[1])
+            no_v.append(sv[j] > sv[0])
+            if sc is not None:
+                no_c.append(sc[j] > sc[0])
+    return KindReport(
+        ranked=len(acc_v), chance=mean_and_se(chance)[0],
+        accuracy=_share(acc_v)[0], accuracy_se=_share(acc_v)[1],
+        ranked_corrupted=len(acc_c), accuracy_corrupted=_share(acc_c)[0], accuracy_corrupted_se=_share(acc_c)[1],
+        margin=mean_and_se(m_v)[0], margin_se=mean_and_se(m_v)[1],
+        margin_corrupted=mean_and_se(m_c)[0], margin_corrupted_se=mean_and_se(m_c)[1],
+        margin_shrink=mean_and_se(shrink)[0], margin_shrink_se=mean_and_se(shrink)[1],
+        corrupted=len(drops), drop=mean_and_se(drops)[0], drop_se=mean_and_se(drops)[1],
+        lesion_scans=len(no_v), no_lesion_rate=_share(no_v)[0], no_lesion_rate_se=_share(no_v)[1],
+        lesion_scans_corrupted=len(no_c), no_lesion_rate_corrupted=_share(no_c)[0],
+        no_lesion_rate_corrupted_se=_share(no_c)[1],
     )
 
 
-def _standard_error(values: Sequence[float]) -> float:
-    if len(values) < 2:
-        return math.nan
-    mean = sum(values) / len(values)
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+def evaluate(records: Sequence[QARecord], scorer: Scorer) -> EvalReport:
+    """Closed-question accuracy, visual sensitivity and the per-kind measures of one model on ``records``.
+
+    Every distinct request (image, question, response) is scored once, in one call of ``scorer``; the
+    clean-image scores of a ranking serve its accuracy, its margin and the ground truth's drop.
+
+    Args:
+        records: held-out question records; closed ones (``candidates``) are ranked, those with a
+            ``ground_truth`` and a ``corrupted_image`` enter the sensitivity; the per-kind measures
+            (:class:`KindReport`) group them by :func:`~.data.synthetic.question_kind`.
+        scorer: :class:`ModelScorer` or any :data:`Scorer`.
+
+    Raises:
+        TypeError: ``records`` is not a sequence of :class:`QARecord`, or ``scorer`` is not callable.
+        ValueError: the scorer returned another number of scores than requests, or a non-finite score.
+    """
+    if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
+        raise TypeError(f"evaluate: `records` must be a sequence of QARecord; got {type(records).__name__}")
+    for i, rec in enumerate(records):
+        if not isinstance(rec, QARecord):
+            raise TypeError(f"evaluate: `records[{i}]` must be a QARecord; got {type(rec).__name__}")
+    if not callable(scorer):
+        raise TypeError(f"evaluate: `scorer` must be callable (requests -> scores); got {type(scorer).__name__}")
+    index: dict[ScoreRequest, int] = {}
+
+    def ask(image: str, question: str, responses: Sequence[str]) -> list[int]:
+        return [index.setdefault(ScoreRequest(image, question, r), len(index)) for r in responses]
+
+    parts: list[_Scored] = []
+    for rec in records:
+        kind = question_kind(rec) or OTHER_KIND
+        ranking = _ranking(rec, kind)
+        has_corrupted = rec.ground_truth is not None and rec.corrupted_image is not None
+        if ranking is None and not has_corrupted:
+            continue
+        responses = [r for _, r in ranking] if ranking is not None else [rec.ground_truth]
+        clean = ask(rec.image, rec.question, responses)
+        corrupted = ask(rec.corrupted_image, rec.question, responses) if has_corrupted else None
+        parts.append(_Scored(rec, kind, ranking, clean, corrupted))
+    requests = list(index)
+    scores = list(scorer(requests)) if requests else []
+    if len(scores) != len(requests):
+        raise ValueError(f"evaluate: the scorer returned {len(scores)} scores for {len(requests)} requests")
+    for req, s in zip(requests, scores):
+        if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+            raise ValueError(f"evaluate: the scorer must return finite real log-probs; got {s!r} for {req}")
+
+    by_question: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    right = closed = 0
+    drops: list[float] = []
+    for p in parts:
+        s = [scores[i] for i in p.clean]
+        if p.ranking is not None and p.ranking[0][0] is not None:  # a closed ranking
+            ok = all(s[0] > x for x in s[1:])
+            right += ok
+            closed += 1
+            by_question[p.record.question][0] += ok
+            by_question[p.record.question][1] += 1
+        if p.corrupted is not None:
+            drops.append(s[0] - scores[p.corrupted[0]])
+    grouped: dict[str, list[_Scored]] = defaultdict(list)
+    for p in parts:
+        grouped[p.kind].append(p)
+    order = [k for k in (*QUESTION_KINDS, OTHER_KIND) if k in grouped]
+    sensitivity, sensitivity_se = mean_and_se(drops)
+    return EvalReport(
+        accuracy=right / closed if closed else math.nan,
+        closed=closed,
+        sensitivity=sensitivity,
+        sensitivity_drops=sum(d > 0 for d in drops) / len(drops) if drops else math.nan,
+        sensitivity_se=sensitivity_se,
+        corrupted=len(drops),
+        by_question={q: (r, n) for q, (r, n) in sorted(by_question.items())},
+        by_kind={k: _kind_report(grouped[k], scores) for k in order},
+    )
 
 
 def _fmt(x: float, pct: bool = False) -> str:
@@ -191,8 +390,17 @@ def _fmt(x: float, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:+.3f}"
 
 
+def _check_reports(where: str, reports: Any) -> None:
+    if not isinstance(reports, dict) or not reports:
+        raise TypeError(f"{where}: `reports` must be a non-empty dict of name -> EvalReport; got {reports!r:.80}")
+    for name, r in reports.items():
+        if not isinstance(r, EvalReport):
+            raise TypeError(f"{where}: `reports[{name!r}]` must be an EvalReport; got {type(r).__name__}")
+
+
 def comparison_table(reports: dict[str, EvalReport]) -> str:
     """A markdown table of several models' reports, side by side (columns in the dict's order)."""
+    _check_reports("comparison_table", reports)
     names = list(reports)
     lines = ["| measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     first = reports[names[0]]
@@ -214,6 +422,65 @@ def comparison_table(reports: dict[str, EvalReport]) -> str:
         "| share of answers less likely under v' | "
         + " | ".join(_fmt(r.sensitivity_drops, pct=True) for r in reports.values()) + " |"
     )
+    return "\n".join(lines)
+
+
+# kind_table's rows: label, value field, its standard error, the count it is over, percent or nats
+_KIND_ROWS = (
+    ("accuracy on v", "accuracy", "accuracy_se", "ranked", True),
+    ("accuracy on v'", "accuracy_corrupted", "accuracy_corrupted_se", "ranked_corrupted", True),
+    ("margin on v, nats", "margin", "margin_se", "ranked", False),
+    ("margin on v', nats", "margin_corrupted", "margin_corrupted_se", "ranked_corrupted", False),
+    ("less sure on v': mean abs(m_v) - abs(m_v'), nats", "margin_shrink", "margin_shrink_se", "ranked_corrupted", False),
+    ("log-prob drop v -> v', nats", "drop", "drop_se", "corrupted", False),
+    ('"no lesion" on scans with one, v', "no_lesion_rate", "no_lesion_rate_se", "lesion_scans", True),
+    ('"no lesion" on scans with one, v\'', "no_lesion_rate_corrupted", "no_lesion_rate_corrupted_se",
+     "lesion_scans_corrupted", True),
+)
+
+
+def _cell(value: float, se: float, pct: bool) -> str:
+    if math.isnan(value):
+        return "n/a"
+    if math.isnan(se):
+        return _fmt(value, pct)
+    return f"{_fmt(value, pct)} ± {100 * se:.1f}" if pct else f"{_fmt(value)} ± {se:.3f}"
+
+
+def kind_table(reports: dict[str, EvalReport]) -> str:
+    """A markdown table of several models' per-kind measures (:attr:`EvalReport.by_kind`), side by side.
+
+    Per question kind: accuracy on v and v' (with the chance level), the margins on v and v', how much less
+    sure the model is on v', the ground truth's log-prob drop and, for the presence question, the "no lesion"
+    rate on scans with a lesion; each ``value ± standard error`` (percentage points for shares). A row shows
+    only where some model has records for it; the record count is the first such model's, and a cell whose
+    model counted another number of records says its own in brackets.
+
+    Raises:
+        TypeError: ``reports`` is not a non-empty dict of :class:`EvalReport`.
+    """
+    _check_reports("kind_table", reports)
+    names = list(reports)
+    lines = ["| kind / measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    kinds = [k for k in (*QUESTION_KINDS, OTHER_KIND) if any(k in r.by_kind for r in reports.values())]
+    kinds += [k for r in reports.values() for k in r.by_kind if k not in kinds]
+    for kind in kinds:
+        lines.append(f"| **{kind}** |" + " |" * len(names))
+        have = [r.by_kind.get(kind) for r in reports.values()]
+        for label, key, se_key, count_key, pct in _KIND_ROWS:
+            counts = [getattr(k, count_key) if k is not None else 0 for k in have]
+            if not any(counts):
+                continue
+            n = next(c for c in counts if c)
+            text = f"{label} ({n} records"
+            if key == "accuracy":
+                chance = next(k.chance for k, c in zip(have, counts) if c)
+                text += f", chance {100 * chance:.1f}%"
+            cells = []
+            for k, c in zip(have, counts):
+                cell = "n/a" if k is None else _cell(getattr(k, key), getattr(k, se_key), pct)
+                cells.append(cell if c == n else f"{cell} ({c})")
+            lines.append(f"| &nbsp;&nbsp;{text}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -239,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         reports[name] = evaluate(records, ModelScorer(model, processor, prompt_template=args.prompt_template,
                                                       batch_size=args.batch_size))
     print(comparison_table(reports))
+    print()
+    print(kind_table(reports))
     if args.out:
         from .cli import atomic_write
 
