@@ -293,17 +293,23 @@ def _kind_report(parts: Sequence[_Scored], scores: Sequence[float]) -> KindRepor
             no_v.append(sv[j] > sv[0])
             if sc is not None:
                 no_c.append(sc[j] > sc[0])
+    accuracy, accuracy_se = _share(acc_v)
+    accuracy_c, accuracy_c_se = _share(acc_c)
+    margin, margin_se = mean_and_se(m_v)
+    margin_c, margin_c_se = mean_and_se(m_c)
+    margin_shrink, margin_shrink_se = mean_and_se(shrink)
+    drop, drop_se = mean_and_se(drops)
+    no_lesion, no_lesion_se = _share(no_v)
+    no_lesion_c, no_lesion_c_se = _share(no_c)
     return KindReport(
-        ranked=len(acc_v), chance=mean_and_se(chance)[0],
-        accuracy=_share(acc_v)[0], accuracy_se=_share(acc_v)[1],
-        ranked_corrupted=len(acc_c), accuracy_corrupted=_share(acc_c)[0], accuracy_corrupted_se=_share(acc_c)[1],
-        margin=mean_and_se(m_v)[0], margin_se=mean_and_se(m_v)[1],
-        margin_corrupted=mean_and_se(m_c)[0], margin_corrupted_se=mean_and_se(m_c)[1],
-        margin_shrink=mean_and_se(shrink)[0], margin_shrink_se=mean_and_se(shrink)[1],
-        corrupted=len(drops), drop=mean_and_se(drops)[0], drop_se=mean_and_se(drops)[1],
-        lesion_scans=len(no_v), no_lesion_rate=_share(no_v)[0], no_lesion_rate_se=_share(no_v)[1],
-        lesion_scans_corrupted=len(no_c), no_lesion_rate_corrupted=_share(no_c)[0],
-        no_lesion_rate_corrupted_se=_share(no_c)[1],
+        ranked=len(acc_v), chance=mean_and_se(chance)[0], accuracy=accuracy, accuracy_se=accuracy_se,
+        ranked_corrupted=len(acc_c), accuracy_corrupted=accuracy_c, accuracy_corrupted_se=accuracy_c_se,
+        margin=margin, margin_se=margin_se, margin_corrupted=margin_c, margin_corrupted_se=margin_c_se,
+        margin_shrink=margin_shrink, margin_shrink_se=margin_shrink_se,
+        corrupted=len(drops), drop=drop, drop_se=drop_se,
+        lesion_scans=len(no_v), no_lesion_rate=no_lesion, no_lesion_rate_se=no_lesion_se,
+        lesion_scans_corrupted=len(no_c), no_lesion_rate_corrupted=no_lesion_c,
+        no_lesion_rate_corrupted_se=no_lesion_c_se,
     )
 
 
@@ -462,8 +468,9 @@ def kind_table(reports: dict[str, EvalReport]) -> str:
     _check_reports("kind_table", reports)
     names = list(reports)
     lines = ["| kind / measure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    kinds = [k for k in (*QUESTION_KINDS, OTHER_KIND) if any(k in r.by_kind for r in reports.values())]
-    kinds += [k for r in reports.values() for k in r.by_kind if k not in kinds]
+    seen = dict.fromkeys(k for r in reports.values() for k in r.by_kind)
+    known = (*QUESTION_KINDS, OTHER_KIND)
+    kinds = [k for k in known if k in seen] + [k for k in seen if k not in known]
     for kind in kinds:
         lines.append(f"| **{kind}** |" + " |" * len(names))
         have = [r.by_kind.get(kind) for r in reports.values()]
