@@ -183,6 +183,8 @@ class PreferenceBatch:
         example_ids: B ids, in row order.
         content_hashes: B digests of what each example is (:meth:`PreferenceExample.content_hash`), or None;
             a precomputed reference checks them against the ones it was built from.
+        prompt_lengths: [2B] int64, the prompt tokens of each row (the tokens before its first label), or
+            None; families whose prompt attends itself both ways (PaliGemma) need it.
     """
 
     input_ids: torch.Tensor
@@ -194,6 +196,7 @@ class PreferenceBatch:
     has_corrupted_image: torch.Tensor | None
     example_ids: tuple[str, ...]
     content_hashes: tuple[str, ...] | None = None
+    prompt_lengths: torch.Tensor | None = None
 
     @property
     def num_examples(self) -> int:
@@ -219,6 +222,7 @@ class PreferenceBatch:
             has_corrupted_image=move(self.has_corrupted_image),
             example_ids=self.example_ids,
             content_hashes=self.content_hashes,
+            prompt_lengths=move(self.prompt_lengths),
         )
 
     def pin_memory(self) -> PreferenceBatch:
@@ -236,6 +240,7 @@ class PreferenceBatch:
             has_corrupted_image=pin(self.has_corrupted_image),
             example_ids=self.example_ids,
             content_hashes=self.content_hashes,
+            prompt_lengths=pin(self.prompt_lengths),
         )
 
     def validate(self, ignore_index: int = -100) -> None:
@@ -270,6 +275,15 @@ class PreferenceBatch:
         if bool(((self.labels != ignore_index) & (mask == 0)).any()):
             raise ValueError(f"{where}: `labels` must be ignore_index={ignore_index} on padding")
         _check_labels_and_weights(where, "", self.input_ids, self.labels, self.span_weights, ignore_index)
+        p = self.prompt_lengths
+        if p is not None:
+            if not isinstance(p, torch.Tensor) or p.dtype != torch.int64 or p.shape != (2 * b,):
+                raise ValueError(
+                    f"{where}: `prompt_lengths` must be an int64 tensor of shape [2B] = [{2 * b}] or None; got "
+                    f"{getattr(p, 'dtype', type(p).__name__)} {tuple(getattr(p, 'shape', ()))}"
+                )
+            if bool((p < 0).any()) or bool((p > mask.sum(1)).any()):
+                raise ValueError(f"{where}: `prompt_lengths` must lie between 0 and each row's token count")
         _check_vision(where, "images", self.images)
         if (self.corrupted_images is None) != (self.has_corrupted_image is None):
             raise ValueError(
@@ -346,12 +360,15 @@ class PreferenceCollator:
         attention_mask = torch.zeros((n, length), dtype=torch.int64)
         labels = torch.full((n, length), self.ignore_index, dtype=torch.int64)
         span_weights = torch.zeros((n, length), dtype=torch.float32)
+        prompt_lengths = torch.zeros(n, dtype=torch.int64)
         for r, (row_ids, row_labels, row_weights) in enumerate(rows):
             t = row_ids.shape[0]
             input_ids[r, :t] = row_ids
             attention_mask[r, :t] = 1
             labels[r, :t] = row_labels
             span_weights[r, :t] = row_weights
+            kept = (row_labels != self.ignore_index).nonzero()
+            prompt_lengths[r] = int(kept[0]) if kept.numel() else t
 
         images = _concat_vision([ex.images for ex in examples], "images")
         corrupted_images = has_corrupted = None
@@ -373,6 +390,7 @@ class PreferenceCollator:
             has_corrupted_image=has_corrupted,
             example_ids=tuple(ids),
             content_hashes=tuple(e.content_hash() for e in examples),
+            prompt_lengths=prompt_lengths,
         )
 
 

@@ -38,7 +38,31 @@ __all__ = [
     "add_firempo_forward",
     "call_with_request",
     "compute_firempo_loss",
+    "loss_for_model",
 ]
+
+
+_HYPERPARAMETERS = ("beta", "alpha", "gamma", "lambda_", "visual_pairing", "temperature", "ignore_index")
+
+
+def loss_for_model(loss_fn: FiReMPOLoss, model: nn.Module, adapter: ModelAdapter | None = None) -> FiReMPOLoss:
+    """``loss_fn`` with the model's logit soft-cap (``final_logit_softcapping``): itself when the caps agree
+    (both None for most models), else a copy with the model's cap, so that a configured loss serves Gemma 2,
+    PaliGemma 2 and Gemma 3n as it serves any other model.
+
+    Raises:
+        ValueError: ``loss_fn`` sets a cap other than the model's.
+    """
+    cap = (adapter or get_adapter(model)).logit_softcap(model)
+    have = getattr(loss_fn, "softcap", None)
+    if have == cap:
+        return loss_fn
+    if have is not None:
+        raise ValueError(
+            f"loss_fn: `softcap={have}` differs from the model's final_logit_softcapping={cap}; the loss must see "
+            "the logits the model computes (leave `softcap` unset: it is read from the model)"
+        )
+    return FiReMPOLoss(**{name: getattr(loss_fn, name) for name in _HYPERPARAMETERS}, softcap=cap)
 
 
 def _repeat_for_both_responses(images: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -54,13 +78,14 @@ def block_hidden_states(
     (and an attention implementation that takes the mask) the two rows of an example share their prompt's
     forward (:mod:`.packing`)."""
     passes = [batch.images] + ([batch.corrupted_images] if corrupted else [])
-    if shared_prefix and can_pack(model):
-        packed = pack_rows(adapter, model, batch, _repeat_for_both_responses(batch.images))
+    packed = pack_rows(adapter, model, batch, _repeat_for_both_responses(batch.images)) \
+        if shared_prefix and can_pack(model) else None
+    if packed is not None:
         hidden = [packed_hidden_states(adapter, model, images, packed)[:, :-1] for images in passes]
     else:
         hidden = [
             adapter.hidden_states(model, batch.input_ids, batch.attention_mask,
-                                  _repeat_for_both_responses(images))[:, :-1]
+                                  _repeat_for_both_responses(images), prompt_lengths=batch.prompt_lengths)[:, :-1]
             for images in passes
         ]
     return hidden[0] if len(hidden) == 1 else torch.cat(hidden)
@@ -232,6 +257,7 @@ def compute_firempo_loss(
         )
     if not isinstance(shared_prefix, bool):
         raise TypeError(f"{fn}: `shared_prefix` must be a bool; got {type(shared_prefix).__name__}")
+    loss_fn = loss_for_model(loss_fn, model)
     request = LossRequest(
         batch, loss_fn, ref.hidden_states(model, batch, corrupted, shared_prefix), ref.head(model), corrupted,
         num_examples_in_batch, shared_prefix,

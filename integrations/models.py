@@ -8,10 +8,17 @@ inner module returns those hidden states and which per-token vision inputs that 
     hidden = adapter.hidden_states(model, input_ids, attention_mask, images)   # [R, T, d]
     weight, bias = adapter.head(model)                 # [V, d], [V] or None
 
-Registered: Llava, Qwen2-VL, Qwen2.5-VL, Qwen3-VL (matched by class name, so a transformers release
-without one of them is fine) and, as a fallback, any text model with ``get_output_embeddings()`` whose
-backbone returns ``last_hidden_state``. To support another class, subclass :class:`ModelAdapter` and
-decorate it with ``@register_adapter("TheModelClassName")``.
+Registered (matched by class name, so a transformers release without one of them is fine): Llava,
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3 (MedGemma) and PaliGemma (1 and 2), all through one
+:class:`ImageTextAdapter` whose per-family differences are a few class attributes and hooks (docs/families.md);
+as a fallback, any text model with ``get_output_embeddings()`` whose backbone returns ``last_hidden_state``.
+To support another class, subclass :class:`ImageTextAdapter` (or :class:`ModelAdapter`) and decorate it with
+``@register_adapter("TheModelClassName")``.
+
+Per-token inputs are derived from ``input_ids`` where the ids say it all (Gemma 3's ``token_type_ids``, Qwen's
+``mm_token_type_ids``, M-RoPE positions); PaliGemma's prefix/suffix ``token_type_ids`` depend on where the
+prompt ends, which the collated batch carries (``PreferenceBatch.prompt_lengths``) and the adapter receives as
+``prompt_lengths``.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ __all__ = [
     "CausalLMAdapter",
     "LlavaAdapter",
     "QwenVLAdapter",
+    "ImageTextAdapter",
+    "Gemma3Adapter",
+    "PaliGemmaAdapter",
     "register_adapter",
     "get_adapter",
     "unwrap_model",
@@ -71,7 +81,26 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 # Config attributes that make the logits something other than ``hidden @ W.T + b``; the fused op would
 # silently compute another distribution, so such models are refused (attribute -> value meaning "off").
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+# ``final_logit_softcapping`` is not among them: the adapter reads it (:meth:`ModelAdapter.logit_softcap`) and
+# the loss applies the same cap, where the installed loss takes one.
+_LOGIT_TRANSFORMS = {"logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def loss_takes_softcap() -> bool:
+    """Whether the installed :class:`~firempo_kernels.losses.FiReMPOLoss` applies a logit soft-cap
+    (``cap * tanh(s / cap)``, its ``softcap`` hyperparameter)."""
+    import inspect
+
+    from firempo_kernels.losses import FiReMPOLoss
+
+    return "softcap" in inspect.signature(FiReMPOLoss.__init__).parameters
+
+
+def _text_configs(config) -> list:
+    configs = [config]
+    if hasattr(config, "get_text_config"):
+        configs.append(config.get_text_config())
+    return configs
 
 
 class ModelAdapter:
@@ -87,10 +116,13 @@ class ModelAdapter:
     def check(self, model: nn.Module) -> None:
         """Raise if the model cannot be served (called once by :func:`get_adapter`)."""
         base = unwrap_model(model)
-        configs = [base.config]
-        if hasattr(base.config, "get_text_config"):
-            configs.append(base.config.get_text_config())
-        for cfg in configs:
+        cap = self.logit_softcap(model)
+        if cap is not None and not loss_takes_softcap():
+            raise ValueError(
+                f"{type(base).__name__}: the config sets `final_logit_softcapping={cap}`, so its logits are "
+                "cap * tanh(s / cap); the installed FiRe-MPO loss takes no `softcap` and cannot reproduce them"
+            )
+        for cfg in _text_configs(base.config):
             for attr, neutral in _LOGIT_TRANSFORMS.items():
                 value = getattr(cfg, attr, neutral)
                 if value is not None and value != neutral:
@@ -105,9 +137,40 @@ class ModelAdapter:
         """The inner module whose output ``last_hidden_state`` feeds the head."""
         raise NotImplementedError
 
-    def extra_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-token inputs the backbone needs besides ids, mask and images."""
+    def extra_inputs(
+        self, model: nn.Module, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-token inputs the backbone needs besides ids, mask and images ([R, T] tensors keyed by the
+        forward's argument names), from ``input_ids`` [R, T] and, for families that need to know where each
+        row's prompt ends, ``prompt_lengths`` [R] int64."""
         return {}
+
+    def logit_softcap(self, model: nn.Module) -> float | None:
+        """The model's ``final_logit_softcapping`` (logits = cap * tanh(s / cap)), or None when it has none."""
+        for cfg in _text_configs(unwrap_model(model).config):
+            cap = getattr(cfg, "final_logit_softcapping", None)
+            if cap is not None:
+                if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+                    raise ValueError(
+                        f"{type(unwrap_model(model)).__name__}: `final_logit_softcapping` must be a positive "
+                        f"number or None; got {cap!r}"
+                    )
+                return float(cap)
+        return None
+
+    def attention_blocks(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """[R, T] int64 block ids of tokens that attend each other in both directions (the same id >= 0; -1
+        for causal tokens), on top of the causal mask; None when the family's attention is causal everywhere.
+        The packed mask of :mod:`.packing` adds these blocks."""
+        return None
+
+    #: Whether the backbone takes ``attention_mask`` as ``{"full_attention": m, "sliding_attention": m'}``
+    #: (one 4-D mask per layer type): the packed forward of a model with sliding-window layers needs it when
+    #: a row is longer than the window.
+    mask_per_layer_type: bool = False
 
     def position_ids(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -144,6 +207,7 @@ class ModelAdapter:
         images: Mapping[str, torch.Tensor] | None = None,
         *,
         position_ids: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Last hidden states, exactly what the model multiplies by its head.
 
@@ -155,6 +219,8 @@ class ModelAdapter:
             images: vision inputs for the image placeholders of these R rows, in row order (e.g.
                 ``pixel_values``, ``image_grid_thw``); empty or None for text only.
             position_ids: the positions (as :meth:`position_ids` gives them), or None: the model's own.
+            prompt_lengths: [R] int64, the prompt tokens of each row (image placeholders included), or None;
+                PaliGemma needs them (its prefix attends both ways).
 
         Returns:
             [R, T, d] in the model's compute dtype.
@@ -172,7 +238,7 @@ class ModelAdapter:
             use_cache=False,
             **positions,
             **images,
-            **self.extra_inputs(model, input_ids),
+            **self.extra_inputs(model, input_ids, prompt_lengths),
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden
@@ -210,12 +276,66 @@ class CausalLMAdapter(ModelAdapter):
         return inner
 
 
-@register_adapter("LlavaForConditionalGeneration")
-class LlavaAdapter(ModelAdapter):
-    """Llava: ``model.model`` merges the projected image features into the placeholder tokens."""
+class ImageTextAdapter(ModelAdapter):
+    """Image-text models whose inner ``model.model`` takes the processor's outputs and returns
+    ``last_hidden_state``. What differs between families is set by class attributes and small hooks:
+
+    * :attr:`token_type_input`: the name under which the forward takes the per-token modality
+      (``token_type_ids`` for Gemma 3, ``mm_token_type_ids`` for Qwen-VL), derived from the placeholder ids of
+      the config by :meth:`token_types` (0 text, 1 image, 2 video, 3 audio);
+    * :attr:`bidirectional_images`: the tokens of one image attend each other both ways (Gemma 3);
+    * :attr:`first_position`: the position of a row's first token (PaliGemma counts from 1);
+    * :meth:`position_ids`, :meth:`extra_inputs`, :meth:`attention_blocks` for anything else.
+    """
+
+    token_type_input: str | None = None
+    token_type_dtype: torch.dtype = torch.int64
+    bidirectional_images: bool = False
+    first_position: int = 0
+    #: config attribute -> the token type its placeholder id gets
+    modality_ids: tuple[tuple[str, int], ...] = (("image_token_id", 1), ("video_token_id", 2), ("audio_token_id", 3))
 
     def backbone(self, model: nn.Module) -> nn.Module:
         return unwrap_model(model).model
+
+    def token_types(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        """[R, T]: 0 on text, 1 on image placeholders, 2 on video, 3 on audio ones (ids from the config)."""
+        config = unwrap_model(model).config
+        types = torch.zeros_like(input_ids, dtype=self.token_type_dtype)
+        for attr, kind in self.modality_ids:
+            token = getattr(config, attr, None)
+            if token is not None:
+                types[input_ids == token] = kind
+        return types
+
+    def extra_inputs(
+        self, model: nn.Module, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if self.token_type_input is None:
+            return {}
+        return {self.token_type_input: self.token_types(model, input_ids)}
+
+    def position_ids(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        images: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        return super().position_ids(model, input_ids, attention_mask, images) + self.first_position
+
+    def attention_blocks(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        if not self.bidirectional_images:
+            return None
+        # One block per run of consecutive image placeholders, as the model groups them.
+        image = (self.token_types(model, input_ids) == 1) & attention_mask.bool()
+        starts = image & ~torch.nn.functional.pad(image, (1, 0))[:, :-1]
+        return torch.where(image, starts.long().cumsum(1) - 1, -1)
+
+
+@register_adapter("LlavaForConditionalGeneration")
+class LlavaAdapter(ImageTextAdapter):
+    """Llava: ``model.model`` merges the projected image features into the placeholder tokens."""
 
 
 @register_adapter(
@@ -223,21 +343,13 @@ class LlavaAdapter(ModelAdapter):
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
 )
-class QwenVLAdapter(ModelAdapter):
+class QwenVLAdapter(ImageTextAdapter):
     """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: M-RoPE positions need ``mm_token_type_ids`` (0 text, 1 image,
     2 video), which is derived here from the placeholder token ids of the config."""
 
-    def backbone(self, model: nn.Module) -> nn.Module:
-        return unwrap_model(model).model
-
-    def extra_inputs(self, model: nn.Module, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        config = unwrap_model(model).config
-        types = torch.zeros_like(input_ids, dtype=torch.int32)
-        types[input_ids == config.image_token_id] = 1
-        video = getattr(config, "video_token_id", None)
-        if video is not None:
-            types[input_ids == video] = 2
-        return {"mm_token_type_ids": types}
+    token_type_input = "mm_token_type_ids"
+    token_type_dtype = torch.int32
+    modality_ids = (("image_token_id", 1), ("video_token_id", 2))
 
     def position_ids(
         self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -246,13 +358,70 @@ class QwenVLAdapter(ModelAdapter):
         """M-RoPE positions [3, R, T] (temporal, height, width) from the model's own ``get_rope_index``."""
         images = dict(images or {})
         if "image_grid_thw" not in images:
-            return super().position_ids(model, input_ids, attention_mask)[None].expand(3, -1, -1)
+            return ModelAdapter.position_ids(self, model, input_ids, attention_mask)[None].expand(3, -1, -1)
         backbone = self.backbone(model)
         positions, _ = backbone.get_rope_index(
             input_ids, image_grid_thw=images["image_grid_thw"], attention_mask=attention_mask,
             **self.extra_inputs(model, input_ids),
         )
         return positions
+
+
+@register_adapter("Gemma3ForConditionalGeneration")
+class Gemma3Adapter(ImageTextAdapter):
+    """Gemma 3 (MedGemma): the tokens of one image attend each other both ways, which the model reads from
+    ``token_type_ids`` (1 on image placeholders, derived here); sliding-window and global layers take one
+    mask each, so a packed forward hands it one per layer type."""
+
+    token_type_input = "token_type_ids"
+    modality_ids = (("image_token_id", 1),)
+    bidirectional_images = True
+    mask_per_layer_type = True
+
+
+@register_adapter("PaliGemmaForConditionalGeneration")
+class PaliGemmaAdapter(ImageTextAdapter):
+    """PaliGemma 1 and 2: the prefix (image, ``<bos>``, prompt, newline) attends itself both ways and the
+    answer causally, which the model reads from ``token_type_ids`` (0 prefix, 1 answer). Where the prompt ends
+    is not in the ids, so it comes from the batch (``prompt_lengths``). Positions count from 1."""
+
+    token_type_input = "token_type_ids"
+    first_position = 1
+
+    def extra_inputs(
+        self, model: nn.Module, input_ids: torch.Tensor, prompt_lengths: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if prompt_lengths is None:
+            return {}
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return {"token_type_ids": (columns[None, :] >= prompt_lengths.to(input_ids.device)[:, None]).long()}
+
+    def attention_blocks(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        _require_prompt_lengths(model, prompt_lengths)
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        prefix = (columns[None, :] < prompt_lengths.to(input_ids.device)[:, None]) & attention_mask.bool()
+        return torch.where(prefix, 0, -1)
+
+    def hidden_states(self, model, input_ids, attention_mask, images=None, *, position_ids=None,
+                      prompt_lengths=None):
+        if attention_mask.dim() == 2:  # a packed 4-D mask already holds the prefix block
+            _require_prompt_lengths(model, prompt_lengths)
+        return super().hidden_states(model, input_ids, attention_mask, images, position_ids=position_ids,
+                                     prompt_lengths=prompt_lengths)
+
+
+def _require_prompt_lengths(model: nn.Module, prompt_lengths: torch.Tensor | None) -> None:
+    if prompt_lengths is None:
+        raise ValueError(
+            f"{type(unwrap_model(model)).__name__}: `prompt_lengths` ([R] int64, the prompt tokens of each row) "
+            "is required: the prompt attends itself both ways and the answer causally, and the token ids do not "
+            "say where the prompt ends; got None"
+        )
+    if not isinstance(prompt_lengths, torch.Tensor) or prompt_lengths.dim() != 1 or prompt_lengths.is_floating_point():
+        raise TypeError(f"`prompt_lengths` must be a 1-D integer tensor [R]; got {prompt_lengths!r}")
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:

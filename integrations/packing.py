@@ -17,6 +17,13 @@ The mask is 4-D (boolean for ``sdpa``, additive float for ``eager``), which tran
 unchanged; other attention implementations (flash-attn, flex attention) run the unpacked forward
 (:func:`can_pack`). Rows that share nothing still pack correctly (each response then sees
 only itself).
+
+Families whose attention is not causal everywhere say so through their adapter
+(:meth:`~.models.ModelAdapter.attention_blocks`): Gemma 3's image tokens attend each other both ways,
+PaliGemma's whole prompt does; those blocks lie inside the shared prefix and are added to the causal rule.
+Sliding-window layers (Gemma 2 and 3) see only the keys within the window of their positions; where a row is
+longer than the window the packed forward hands the model one mask per layer type, or, for a model that
+takes only one mask, runs that batch unpacked (said once in the log).
 """
 
 from __future__ import annotations
@@ -115,19 +122,40 @@ def pack_layout(batch: PreferenceBatch) -> PackedLayout:
     return PackedLayout(packed_ids, segment, source, from_rejected, torch.cat((chosen_index, rejected_index)))
 
 
-def packed_mask(layout: PackedLayout, dtype: torch.dtype | None = None) -> torch.Tensor:
+def packed_mask(layout: PackedLayout, dtype: torch.dtype | None = None, *, blocks: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """[B, 1, L, L]: True where a query may attend a key (``dtype`` None, the form sdpa takes), or the additive
-    form eager attention adds to its scores: 0 there, the dtype's lowest value elsewhere."""
+    form eager attention adds to its scores: 0 there, the dtype's lowest value elsewhere.
+
+    ``blocks`` [B, L] int64: tokens with the same id >= 0 also attend each other forwards (bidirectional
+    blocks, all inside the shared prefix). ``window`` with ``positions`` [B, L]: a sliding-window layer's mask,
+    a key only where ``position(query) - position(key) < window``."""
     seg = layout.segment
     q, k = seg[:, :, None], seg[:, None, :]
     width = seg.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=seg.device).tril()
+    if blocks is not None:
+        causal = causal | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
     allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    if window is not None:
+        allowed &= positions[:, :, None] - positions[:, None, :] < window
     allowed |= torch.eye(width, dtype=torch.bool, device=seg.device) & (q < 0)  # padding sees itself: no empty row
     if dtype is None:
         return allowed[:, None]
     return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill_(
         ~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The window of ``model``'s sliding-window layers, or None when every layer attends the whole row."""
+    from .models import unwrap_model
+
+    config = unwrap_model(model).config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if window is None or "sliding_attention" not in (getattr(text, "layer_types", None) or ()):
+        return None
+    return int(window)
 
 
 def can_pack(model: nn.Module) -> bool:
@@ -147,24 +175,43 @@ class PackedRows:
 
     layout: PackedLayout
     position_ids: torch.Tensor
-    mask: torch.Tensor
+    mask: torch.Tensor | dict[str, torch.Tensor]
 
 
 def pack_rows(adapter, model: nn.Module, batch: PreferenceBatch,
-              row_images: Mapping[str, torch.Tensor]) -> PackedRows:
-    """The packed rows of ``batch`` for ``model``. ``row_images``: the vision inputs of the 2B unpacked rows,
-    which place the image tokens for the model's positions (the same for v and v', which have one size)."""
+              row_images: Mapping[str, torch.Tensor]) -> PackedRows | None:
+    """The packed rows of ``batch`` for ``model``, or None where this batch cannot be packed for it (rows
+    longer than a sliding window of a model that takes one mask for all its layers; said once in the log).
+    ``row_images``: the vision inputs of the 2B unpacked rows, which place the image tokens for the model's
+    positions (the same for v and v', which have one size)."""
     layout = pack_layout(batch)
     b = batch.num_examples
     unpacked = adapter.position_ids(model, batch.input_ids, batch.attention_mask, row_images)  # [..., 2B, T]
     rows = torch.arange(b, device=layout.source.device)[:, None]
-    positions = torch.where(layout.from_rejected, unpacked[..., b:, :][..., rows, layout.source],
-                            unpacked[..., :b, :][..., rows, layout.source])
+
+    def packed(per_row: torch.Tensor) -> torch.Tensor:
+        return torch.where(layout.from_rejected, per_row[..., b:, :][..., rows, layout.source],
+                           per_row[..., :b, :][..., rows, layout.source])
+
+    positions = packed(unpacked)
+    blocks = adapter.attention_blocks(model, batch.input_ids, batch.attention_mask, batch.prompt_lengths)
+    if blocks is not None:
+        blocks = torch.where(layout.segment == 0, packed(blocks), -1)  # bidirectional only inside the prefix
     if attention_implementation(model) == "sdpa":
-        mask = packed_mask(layout)  # boolean, as transformers builds for sdpa: right whatever dtype autocast picks
+        dtype = None  # boolean, as transformers builds for sdpa: right whatever dtype autocast picks
     else:
         dtype = next(p.dtype for p in adapter.backbone(model).parameters() if p.is_floating_point())
-        mask = packed_mask(layout, dtype)
+    mask = packed_mask(layout, dtype, blocks=blocks)
+    window = sliding_window(model)
+    if window is not None and int(batch.attention_mask.sum(1).max()) > window:
+        if not adapter.mask_per_layer_type:
+            _say_once(f"shared_prefix: {type(adapter).__name__} takes one attention mask for all layers and a row "
+                      f"is longer than the sliding window ({window}); running such batches unpacked")
+            return None
+        mask = {"full_attention": mask,
+                "sliding_attention": packed_mask(layout, dtype, blocks=blocks, positions=positions, window=window)}
+    elif window is not None and adapter.mask_per_layer_type:
+        mask = {"full_attention": mask, "sliding_attention": mask}  # the window binds nowhere in these rows
     return PackedRows(layout, positions, mask)
 
 

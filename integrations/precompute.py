@@ -229,6 +229,9 @@ def precompute_reference(
     if model is None:
         raise ValueError("precompute_reference: an AdaptersDisabledReference needs the `policy` it runs")
     source, (weight, bias) = _reference_source(reference, model)
+    # The reference's log-probs are those of its own logits: soft-capped where its config caps them.
+    cap = get_adapter(source).logit_softcap(source)
+    capped = {} if cap is None else {"softcap": cap}
     device = torch.device(device) if device is not None else weight.device
     directory = Path(directory)
     writer = ReferenceShardWriter(directory, rank, shard_bytes)
@@ -246,7 +249,7 @@ def precompute_reference(
         labels, span_weights, has_corrupted = block_targets(batch, corrupted)
         ref = PrecomputedReference.from_reference_forward(
             weight, hidden, labels, span_weights, has_corrupted,
-            ref_bias=bias, temperature=temperature, ignore_index=ignore_index, keep_hidden=keep_hidden,
+            ref_bias=bias, temperature=temperature, ignore_index=ignore_index, keep_hidden=keep_hidden, **capped,
         )
         hashes = batch.content_hashes or (None,) * batch.num_examples
         for example_id, one, digest in zip(batch.example_ids, ref.unbind(), hashes):
@@ -262,7 +265,7 @@ def precompute_reference(
     metadata = {
         "reference": "policy" if reference.mode == "adapters_disabled" else "model",
         **(metadata or {}),
-        "format": STORE_FORMAT, "temperature": float(temperature), "ignore_index": int(ignore_index),
+        "format": STORE_FORMAT, "temperature": float(temperature), "ignore_index": int(ignore_index), **capped,
         "keep_hidden": bool(keep_hidden), "include_corrupted": bool(include_corrupted),
         "hidden_size": int(weight.shape[1]), "vocab_size": int(weight.shape[0]),
         "source": reference_fingerprint(source, (weight, bias)),
@@ -374,6 +377,7 @@ class PrecomputedReferenceStore:
             row_counts=handle.get_tensor(_key(example_id, "row_counts")),
             hidden=handle.get_tensor(hidden_key) if hidden_key in keys else None,
             temperature=self.metadata["temperature"],
+            **({"softcap": self.metadata["softcap"]} if self.metadata.get("softcap") is not None else {}),
         )
 
     def lookup(self, example_ids: Sequence[str], content_hashes: Sequence[str] | None = None) -> PrecomputedReference:

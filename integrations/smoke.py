@@ -22,7 +22,9 @@ __all__ = [
     "TINY_FAMILIES", "TINY_WORDS", "tiny_config", "tiny_model", "tiny_processor", "synthetic_rows", "synthetic_examples",
 ]
 
-TINY_FAMILIES = ("llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+TINY_FAMILIES = ("llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2")
+"""Families :func:`tiny_model` and :func:`tiny_processor` build. ``paligemma2`` is PaliGemma on a Gemma 2
+language model, whose config sets ``final_logit_softcapping`` (a soft-capped model)."""
 
 # Special ids sit at the top of the vocabulary; ordinary text tokens are drawn below them.
 _NUM_SPECIAL = 8
@@ -42,8 +44,9 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
                 tie_word_embeddings: bool = False):
     """A transformers config of ``family`` (one of :data:`TINY_FAMILIES`) small enough for CPU tests.
 
-    Vision towers take 16 x 16 pixel images: 4 placeholder tokens for Llava (8-pixel patches), 4 for the
-    Qwen-VL families (4-pixel patches merged 2 x 2). Special token ids sit at the top of the vocabulary.
+    Vision towers take 16 x 16 pixel images: 4 placeholder tokens for Llava and PaliGemma (8-pixel patches),
+    4 for the Qwen-VL families (4-pixel patches merged 2 x 2), 4 for Gemma 3 (4-pixel patches pooled 2 x 2).
+    Special token ids sit at the top of the vocabulary.
     """
     import transformers
 
@@ -60,6 +63,32 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
     )
     if family == "llama":
         return transformers.LlamaConfig(**text)
+    siglip = dict(model_type="siglip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                  num_hidden_layers=num_layers, num_attention_heads=4, image_size=16)
+    if family == "gemma3":
+        # A window of 6 tokens, shorter than the rows, so that the sliding-window layers' mask matters.
+        gemma = dict(text, head_dim=hidden_size // 4, sliding_window=6,
+                     layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+                     + ["sliding_attention"] * (num_layers % 2))
+        return transformers.Gemma3Config(
+            text_config=dict(model_type="gemma3_text", **gemma), vision_config=dict(siglip, patch_size=4),
+            mm_tokens_per_image=4, image_token_index=special["image_token_id"],
+            boi_token_index=special["vision_start_token_id"], eoi_token_index=special["vision_end_token_id"],
+            tie_word_embeddings=tie_word_embeddings,
+        )
+    if family in ("paligemma", "paligemma2"):
+        gemma = dict(text, head_dim=hidden_size // 4)
+        if family == "paligemma2":
+            gemma.update(model_type="gemma2", final_logit_softcapping=3.0, sliding_window=6,
+                         layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
+                         + ["sliding_attention"] * (num_layers % 2))
+        else:
+            gemma.update(model_type="gemma")
+        return transformers.PaliGemmaConfig(
+            text_config=gemma, vision_config=dict(siglip, patch_size=8), image_token_index=special["image_token_id"],
+            vocab_size=vocab_size, projection_dim=hidden_size, hidden_size=hidden_size,
+            tie_word_embeddings=tie_word_embeddings,
+        )
     if family == "llava":
         vision = dict(model_type="clip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=num_layers, num_attention_heads=4, image_size=16, patch_size=8)
@@ -107,7 +136,8 @@ def tiny_model(
     **config_kwargs,
 ) -> nn.Module:
     """A randomly initialised model of ``family`` (reproducible from ``seed``), in eval mode; ``config_kwargs``
-    go to :func:`tiny_config`.
+    go to :func:`tiny_config`. ``paligemma2`` runs eager attention when ``sdpa`` is asked for (Gemma 2 has no
+    sdpa path).
 
     The model is built whole even under a ZeRO-3 training config (transformers would otherwise build its
     sub-models inside ``deepspeed.zero.Init`` and initialise them on rank 0 only, with another random stream):
@@ -124,7 +154,12 @@ def tiny_model(
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
         "qwen3_vl": getattr(transformers, "Qwen3VLForConditionalGeneration", None),
+        "gemma3": transformers.Gemma3ForConditionalGeneration,
+        "paligemma": transformers.PaliGemmaForConditionalGeneration,
+        "paligemma2": transformers.PaliGemmaForConditionalGeneration,
     }[family]
+    if family == "paligemma2" and attn_implementation == "sdpa":
+        attn_implementation = "eager"  # Gemma 2 soft-caps its attention scores, which sdpa cannot
     config._attn_implementation = attn_implementation
     # transformers' own marker for "zero.Init is already active": its sub-model builders then skip theirs.
     whole = getattr(modeling_utils, "set_zero3_state", contextlib.nullcontext)
@@ -139,6 +174,8 @@ def _image_layout(config) -> tuple[int, dict[str, tuple[int, ...] | torch.Tensor
     if not hasattr(config, "vision_config"):
         return 0, None
     v = config.vision_config
+    if hasattr(config, "mm_tokens_per_image"):  # Gemma 3: patches pooled to a fixed count
+        return config.mm_tokens_per_image, {"pixel_values": (1, 3, v.image_size, v.image_size)}
     if not hasattr(v, "spatial_merge_size"):  # Llava-style: one token per patch, CLS dropped
         return (v.image_size // v.patch_size) ** 2, {"pixel_values": (1, 3, v.image_size, v.image_size)}
     # Qwen-VL style: a (1, 2m, 2m) patch grid merged m x m gives 4 tokens whatever the patch size.
@@ -271,7 +308,21 @@ _QWEN_TOKENS = {
     "vision_end_token": ("<|vision_end|>", "vision_end_token_id"),
 }
 _LLAVA_TOKENS = {"image_token": ("<image>", "image_token_id")}
+_GEMMA3_TOKENS = {
+    "image_token": ("<image_soft_token>", "image_token_id"),
+    "boi_token": ("<start_of_image>", "vision_start_token_id"),
+    "eoi_token": ("<end_of_image>", "vision_end_token_id"),
+}
+_PALIGEMMA_TOKENS = {"image_token": ("<image>", "image_token_id")}
 _QWEN_IMAGE_TEXT = "<|vision_start|><|image_pad|><|vision_end|>"
+# family -> (placeholder tokens, the image text a chat template writes for one image)
+_PLACEHOLDERS = {
+    "llama": ({}, ""),
+    "llava": (_LLAVA_TOKENS, "<image>"),
+    "gemma3": (_GEMMA3_TOKENS, "<start_of_image>"),
+    "paligemma": (_PALIGEMMA_TOKENS, "<image>"),
+    "paligemma2": (_PALIGEMMA_TOKENS, "<image>"),
+}
 _TINY_IMAGE_SIZE = 16  # pixels: what the tiny vision towers of tiny_config take (4 image tokens)
 
 
@@ -289,14 +340,26 @@ def _chat_template(image_text: str) -> str:
     )
 
 
+_PALIGEMMA_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{% endif %}{% endfor %}"
+)
+
+
 def _tiny_tokenizer(family: str, vocab_size: int):
     """A word-level ``PreTrainedTokenizerFast`` of exactly ``vocab_size`` tokens laid out like tiny_config."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     special = _special_ids(vocab_size)
-    placeholders = {"llama": {}, "llava": _LLAVA_TOKENS}.get(family, _QWEN_TOKENS)
+    placeholders, image_text = _PLACEHOLDERS.get(family, (_QWEN_TOKENS, _QWEN_IMAGE_TEXT))
     top = {special[id_key]: text for text, id_key in placeholders.values()}
+    # PaliGemma's processor writes <bos> after the image tokens: the reserved id of vision_start (unused there)
+    bos = {"bos_token": "<bos>"} if family.startswith("paligemma") else {}
+    if bos:
+        top[special["vision_start_token_id"]] = bos["bos_token"]
     base = ["<pad>", "<unk>", "</s>"]  # pad id 0 as in tiny_config
     room = vocab_size - _NUM_SPECIAL - len(base)
     words = list(TINY_WORDS[:room])
@@ -311,10 +374,11 @@ def _tiny_tokenizer(family: str, vocab_size: int):
         pad_token="<pad>",
         unk_token="<unk>",
         eos_token="</s>",
+        **bos,
         extra_special_tokens={name: text for name, (text, _) in placeholders.items()},
     )
-    image_text = {"llama": "", "llava": _LLAVA_TOKENS["image_token"][0]}.get(family, _QWEN_IMAGE_TEXT)
-    tok.chat_template = _chat_template(image_text)
+    # PaliGemma is no chat model: its prompt is the image, <bos> (added by its processor) and the question.
+    tok.chat_template = _PALIGEMMA_TEMPLATE if bos else _chat_template(image_text)
     for name, (text, id_key) in placeholders.items():  # the layout the tiny models rely on
         assert tok.convert_tokens_to_ids(text) == special[id_key], (name, text)
     assert len(tok) == vocab_size and tok.pad_token_id == special["pad_token_id"]
@@ -450,6 +514,20 @@ def tiny_processor(family: str, *, vocab_size: int = 128):
             vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
             chat_template=tok.chat_template,
         )
+    if family == "gemma3":
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        images = Gemma3ImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
+                                         image_mean=half, image_std=half)
+        return transformers.Gemma3Processor(image_processor=images, tokenizer=tok, chat_template=tok.chat_template,
+                                            image_seq_length=config.mm_tokens_per_image)
+    if family in ("paligemma", "paligemma2"):
+        from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+        images = SiglipImageProcessorPil(size={"height": v.image_size, "width": v.image_size},
+                                         image_mean=half, image_std=half)
+        images.image_seq_length = (v.image_size // v.patch_size) ** 2
+        return transformers.PaliGemmaProcessor(image_processor=images, tokenizer=tok, chat_template=tok.chat_template)
     if family == "qwen3_vl" and not hasattr(transformers, "Qwen3VLProcessor"):
         raise ValueError("tiny_processor: this transformers release has no Qwen3-VL")
     side = v.patch_size * v.spatial_merge_size * 2  # a (1, 2m, 2m) grid merged m x m: 4 tokens

@@ -28,7 +28,10 @@ EXPECTED_ADAPTER = {
     "qwen2_5_vl": QwenVLAdapter,
     "qwen3_vl": QwenVLAdapter,
 }
-FAMILIES = [f for f in TINY_FAMILIES if f != "qwen3_vl" or hasattr(transformers, "Qwen3VLForConditionalGeneration")]
+# The families served before the processor-driven tests of test_families.py (their token-level synthetic
+# examples need no per-row token types).
+FAMILIES = [f for f in ("llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+            if f != "qwen3_vl" or hasattr(transformers, "Qwen3VLForConditionalGeneration")]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -193,12 +196,55 @@ def test_text_adapter_refuses_images():
         get_adapter(model).hidden_states(model, ids, torch.ones_like(ids), {"pixel_values": torch.zeros(2, 3)})
 
 
-def test_softcapped_logits_are_refused():
-    config = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                       final_logit_softcapping=30.0)
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
-        get_adapter(transformers.Gemma2ForCausalLM(config))
+def test_a_softcapped_text_model_is_served_with_its_cap():
+    """Gemma 2 (``final_logit_softcapping``): the head's product, capped, is the model's logits, and the fused
+    loss (the cap read from the model) equals the float64 loss of the capped logits, gradients included."""
+    config = transformers.Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                                       final_logit_softcapping=1.5, attn_implementation="eager")
+    seed = draw_seed()
+    torch.manual_seed(seed)
+    policy, reference = transformers.Gemma2ForCausalLM(config).train(), transformers.Gemma2ForCausalLM(config).eval()
+    adapter = get_adapter(policy)
+    assert type(adapter) is CausalLMAdapter and adapter.logit_softcap(policy) == 1.5
+    batch = PreferenceCollator(0)(synthetic_examples(config, 3, seed=seed, corrupted_every=0))
+    with torch.no_grad():
+        logits = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        hidden = adapter.hidden_states(policy, batch.input_ids, batch.attention_mask)
+    capped = 1.5 * torch.tanh(F.linear(hidden, adapter.head(policy)[0]) / 1.5)
+    real = batch.attention_mask.bool()
+    assert (capped - logits)[real].abs().max() <= 1e-5 * logits[real].abs().max()
+
+    hp = dict(beta=0.5, alpha=0.3, gamma=0.0, lambda_=0.3)
+    out = compute_firempo_loss(policy, reference, batch, FiReMPOLoss(**hp))
+    out.loss.backward()
+    fused = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    policy.zero_grad(set_to_none=True)
+
+    def float64_logits(model, grad):  # capped in float64 from the head's input (fp32 tanh loses saturated grads)
+        seen = []
+        hook = model.lm_head.register_forward_hook(lambda m, args, o: seen.append(args[0]))
+        with torch.set_grad_enabled(grad):
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        hook.remove()
+        return 1.5 * torch.tanh(F.linear(seen[0][:, :-1].double(), model.lm_head.weight.double()) / 1.5)
+
+    expected = firempo_loss_from_logits(float64_logits(policy, True), float64_logits(reference, False),
+                                        batch.labels[:, 1:], batch.span_weights[:, 1:], None, **hp)
+    expected.backward()
+    torch.testing.assert_close(out.loss.double(), expected.detach(), rtol=1e-5, atol=0.0)
+    total = torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]).norm().item()
+    for name, p in policy.named_parameters():
+        if p.grad is not None:
+            assert (fused[name] - p.grad).norm() <= 1e-5 * p.grad.norm() + 1e-7 * total, name
+
+
+def test_other_logit_transforms_are_refused():
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    config.logit_scale = 0.5
+    with pytest.raises(ValueError, match="logit_scale=0.5"):
+        get_adapter(transformers.LlamaForCausalLM(config))
 
 
 def test_peft_heads():

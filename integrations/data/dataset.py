@@ -20,9 +20,12 @@ from ..batch import PreferenceExample
 from .records import OnError, PreferenceRecord, RecordProblem, RecordValidationError
 from .tags import EncodedResponse, SpanAlignmentError, TagError, encode_response
 
-# Keys a processor returns for the text; everything else is a vision input of the batch. Per-token vision
-# inputs (mm_token_type_ids, positions) are derived from the ids by the model adapter.
-_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "offset_mapping"})
+# Keys a processor returns for the text (PaliGemma's adds `labels`); everything else is a vision input of the
+# batch. Per-token vision inputs (token types, positions) are derived from the ids by the model adapter, or
+# from where the prompt ends, which the collated batch knows.
+_TEXT_KEYS = frozenset({
+    "input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids", "offset_mapping", "labels",
+})
 
 
 def load_image(path: str):
