@@ -150,6 +150,18 @@ def test_zero3_two_ranks_equal_one_process_without_deepspeed(launches):
         assert row[key] == pytest.approx(plain_row[key], rel=1e-4, abs=1e-6), key
 
 
+@pytest.mark.parametrize("family", ["gemma3"])
+def test_zero3_two_ranks_equal_one_process_for_other_families(launches, family):
+    """Gemma 3 (MedGemma): its bidirectional image blocks and sliding-window layers in the packed ZeRO-3
+    forward, against the unpacked forward of one process."""
+    zero3, plain = launches.zero3(f"{family}_zero3", f"model.tiny={family}"), \
+        launches.plain(f"{family}_plain", f"model.tiny={family}")
+    assert_head_partitioned(launches.logs[f"{family}_zero3"])
+    assert_same_losses(zero3, plain)
+    weights = assert_same_weights(zero3, plain, "model.safetensors")
+    assert any(name.endswith("lm_head.weight") for name in weights)
+
+
 def test_zero3_two_ranks_lora_policy_equals_one_process(launches):
     zero3, plain = launches.zero3("lora_zero3", *LORA), launches.plain("lora_plain", *LORA)
     assert_head_partitioned(launches.logs["lora_zero3"])
