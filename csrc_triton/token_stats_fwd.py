@@ -4,6 +4,8 @@ One program owns BLOCK_N tokens and one slice of the vocabulary. It walks that s
 online max (as in flash attention) and keeps, per token and per model, the running max ``m``, the sum of
 ``exp(logit - m)``, the target logit and the KL accumulator ``A`` (docs/design.md section 3). The partial
 statistics of all slices are merged on the host side (``firempo_kernels.token_stats.merge_partials``).
+With ``SOFTCAP`` every logit is capped in the tile (``logits_tile``) before any statistic sees it, so the
+statistics are those of the capped distributions.
 """
 
 import torch
@@ -11,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .configs import tile_config, vocab_splits
-from .logits_tile import head_operands, logits_tile
+from .logits_tile import head_operands, logits_tile, softcap_scalar
 
 # Rows of the partial-statistics tensor [splits, NUM_STATS, N], in the layout of
 # firempo_kernels.token_stats: m, z, A, target logit for the policy, then for the reference (left
@@ -40,10 +42,10 @@ def _token_stats_fwd_kernel(
     stride_hn, stride_hd, stride_wv, stride_wd,
     stride_rhn, stride_rhd, stride_rwv, stride_rwd,
     stride_split, stride_stat,
-    inv_tau,
+    inv_tau, softcap,
     HAS_BIAS: tl.constexpr, HAS_REF: tl.constexpr, HAS_REF_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, REF_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, REF_PRECISION: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_split = tl.program_id(1)
@@ -69,14 +71,14 @@ def _token_stats_fwd_kernel(
         is_target = offs_v[None, :] == y[:, None]
 
         s = logits_tile(h_ptr, w_ptr, b_ptr, offs_n, offs_v, n_mask, v_mask, D,
-                        stride_hn, stride_hd, stride_wv, stride_wd, inv_tau,
-                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, PRECISION)
+                        stride_hn, stride_hd, stride_wv, stride_wd, inv_tau, softcap,
+                        HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, PRECISION, SOFTCAP)
         m_s, z_s, y_s, p, rescale_s = _online_logsumexp_step(s, v_mask, is_target, m_s, z_s, y_s)
 
         if HAS_REF:
             t = logits_tile(rh_ptr, rw_ptr, rb_ptr, offs_n, offs_v, n_mask, v_mask, RD,
-                            stride_rhn, stride_rhd, stride_rwv, stride_rwd, inv_tau,
-                            HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, REF_PRECISION)
+                            stride_rhn, stride_rhd, stride_rwv, stride_rwd, inv_tau, softcap,
+                            HAS_REF_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, UPCAST_DOT, REF_PRECISION, SOFTCAP)
             m_t, z_t, y_t, q, rescale_t = _online_logsumexp_step(t, v_mask, is_target, m_t, z_t, y_t)
             # s - t, not s and t apart: the KL is a small difference of O(|logit|) terms.
             diff = s - t
@@ -104,15 +106,18 @@ def token_stats_partials(
     ref_bias: torch.Tensor | None,
     targets: torch.Tensor,
     inv_tau: float,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Launch the forward kernel. Returns partial statistics ``[splits, NUM_STATS, N]`` float32.
 
     ``hidden`` [N, d] and ``weight`` [V, d] share a dtype (fp32/bf16/fp16), any strides;
     ``ref_hidden`` [N, d'] / ``ref_weight`` [V, d'] likewise, or both None; ``targets`` [N] int64.
+    ``softcap`` (> 0, or None): both models' logits are ``softcap * tanh(z / softcap) * inv_tau``.
     """
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = tile_config("token_stats_fwd", n, hidden.dtype, hidden.device)
+    cfg = tile_config("token_stats_fwd", n, hidden.dtype, hidden.device, softcap is not None)
     row_blocks = triton.cdiv(n, cfg.block_n)
     vocab_tiles = triton.cdiv(v, cfg.block_v)
     splits = vocab_splits(row_blocks, vocab_tiles, hidden.device)
@@ -120,12 +125,12 @@ def token_stats_partials(
     splits = triton.cdiv(v, vocab_per_split)  # every split owns at least one tile
 
     stats = torch.empty((splits, NUM_STATS, n), dtype=torch.float32, device=hidden.device)
-    pointers, strides, constexprs = head_operands(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
+    pointers, strides, constexprs = head_operands(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, softcap)
     _token_stats_fwd_kernel[(row_blocks, splits)](
         *pointers, targets, stats,
         n, v, d, pointers[3].shape[1], vocab_per_split,
         *strides, stats.stride(0), stats.stride(1),
-        inv_tau,
+        inv_tau, softcap_scalar(softcap),
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **constexprs,
     )

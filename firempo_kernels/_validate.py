@@ -65,6 +65,28 @@ def check_temperature(fn: str, temperature) -> float:
     return check_in_range(fn, "temperature", temperature, *TEMPERATURE_RANGE)
 
 
+# A cap is a logit scale: outside these bounds cap / tau or 1 / cap leaves float32's comfortable range in the
+# kernels (which take it as an fp32 scalar). Caps in use (Gemma 2: 30) lie far inside.
+SOFTCAP_RANGE = (1e-6, 1e6)
+
+
+def check_softcap(fn: str, softcap) -> float | None:
+    """``softcap`` as a float in ``SOFTCAP_RANGE``, or None (no cap): a TypeError for anything that is not a
+    real number (bool included), a ValueError for a non-finite, non-positive or out-of-range one."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"{fn}: `softcap` must be None or a float; got {type(softcap).__name__}")
+    value = float(softcap)
+    low, high = SOFTCAP_RANGE
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ValueError(
+            f"{fn}: `softcap` must be None (no cap) or a finite float > 0 in [{low:g}, {high:g}] "
+            f"(the logits become softcap * tanh(logits / softcap)); got {value}"
+        )
+    return value
+
+
 def check_targets(fn: str, name: str, targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise TypeError(f"{fn}: `{name}` must be an integer tensor; got {targets.dtype}")

@@ -2,7 +2,8 @@
 
     python -m firempo_kernels.kernel_report [--arch 90 80] [--json]
 
-For each kernel, launch configuration and operand dtype this prints the shared memory Triton allocates,
+For each kernel, launch configuration and operand dtype, with and without the reference and with and
+without a logit soft cap (``SOFTCAP``; without it the kernels compile as if the cap did not exist), this prints the shared memory Triton allocates,
 and the registers, stack frame and spill bytes ptxas reports, and whether the tensor-core instructions
 expected for the target (``wgmma`` on sm_90, ``mma.sync`` on sm_80) are in the PTX. Must run without
 TRITON_INTERPRET=1 (the interpreter replaces the JIT functions that ``triton.compile`` needs).
@@ -34,6 +35,7 @@ class KernelResources:
     num_warps: int
     num_stages: int
     has_ref: bool
+    softcap: bool
     shared_bytes: int
     registers: int
     stack_bytes: int
@@ -57,7 +59,7 @@ def _signature(kernel, dtype: str) -> dict[str, str]:
             sig[name] = "*" + dtype
         elif name.endswith("_ptr"):
             sig[name] = "*" + dtype if name in operands else "*fp32"
-        elif name == "inv_tau":
+        elif name in ("inv_tau", "softcap"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -82,7 +84,8 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
     return registers, stack, spills
 
 
-def compile_one(kernel_name: str, cfg, dtype: torch.dtype, arch: int, has_ref: bool) -> KernelResources:
+def compile_one(kernel_name: str, cfg, dtype: torch.dtype, arch: int, has_ref: bool,
+                softcap: bool = False) -> KernelResources:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -97,7 +100,7 @@ def compile_one(kernel_name: str, cfg, dtype: torch.dtype, arch: int, has_ref: b
     constexprs = dict(
         HAS_BIAS=True, HAS_REF=has_ref, HAS_REF_BIAS=has_ref,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, UPCAST_DOT=False,
-        PRECISION=dot_precision(dtype), REF_PRECISION=dot_precision(dtype),
+        PRECISION=dot_precision(dtype), REF_PRECISION=dot_precision(dtype), SOFTCAP=softcap,
     )
     compiled = triton.compile(
         ASTSource(kernel, _signature(kernel, _TRITON_DTYPE[dtype]), constexprs),
@@ -109,7 +112,7 @@ def compile_one(kernel_name: str, cfg, dtype: torch.dtype, arch: int, has_ref: b
     mma = r"wgmma\.mma_async|mma\.sync" if arch >= 90 else r"mma\.sync"
     return KernelResources(
         kernel_name, arch, _TRITON_DTYPE[dtype], cfg.block_n, cfg.block_v, cfg.block_d, cfg.num_warps,
-        cfg.num_stages, has_ref, compiled.metadata.shared, registers, stack, spills, len(re.findall(mma, ptx)),
+        cfg.num_stages, has_ref, softcap, compiled.metadata.shared, registers, stack, spills, len(re.findall(mma, ptx)),
     )
 
 
@@ -117,9 +120,9 @@ def all_reports(arches=(90, 80)) -> list[KernelResources]:
     from firempo_kernels.csrc_triton.configs import all_gpu_configs
 
     unique = dict.fromkeys(
-        (kernel, cfg, dtype, arch, has_ref)
+        (kernel, cfg, dtype, arch, has_ref, softcap)
         for arch in arches
-        for kernel, cfg, dtype in all_gpu_configs(arch)
+        for kernel, cfg, dtype, softcap in all_gpu_configs(arch)
         for has_ref in (True, False)
     )
     return [compile_one(*job) for job in unique]
@@ -137,11 +140,12 @@ def main(argv=None) -> int:
         for r in reports:
             print(json.dumps({**asdict(r), "within_limits": r.within_limits}))
     else:
-        print("| kernel | sm | dtype | BN x BV x BD | warps | stages | ref | shared B | regs | stack B | spill B | mma ops |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        print("| kernel | sm | dtype | BN x BV x BD | warps | stages | ref | cap | shared B | regs | stack B | spill B "
+              "| mma ops |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in reports:
             print(f"| {r.kernel} | {r.arch} | {r.dtype} | {r.block_n}x{r.block_v}x{r.block_d} | {r.num_warps} | "
-                  f"{r.num_stages} | {'y' if r.has_ref else 'n'} | {r.shared_bytes} | {r.registers} | "
+                  f"{r.num_stages} | {'y' if r.has_ref else 'n'} | {'y' if r.softcap else 'n'} | {r.shared_bytes} | {r.registers} | "
                   f"{r.stack_bytes} | {r.spill_bytes} | {r.tensor_core_ops} |")
     return 0 if all(r.within_limits for r in reports) else 1
 

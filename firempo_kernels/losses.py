@@ -1,7 +1,7 @@
 """The FiRe-MPO loss family (layer 3): span-level DPO rewards, the visual-contrastive term and the two-sided
 token KL, computed from hidden states by the fused ops (docs/design.md section 1).
 
-    FiReMPOLoss(beta, alpha, gamma, lambda_, visual_pairing, temperature, ignore_index)   nn.Module
+    FiReMPOLoss(beta, alpha, gamma, lambda_, visual_pairing, temperature, ignore_index, softcap)   nn.Module
     firempo_loss(weight, hidden, ref_hidden, labels, span_weights, ...)                   functional twin
     FiReMPOLoss.rrpo() / .mask_dpo() / .dpo() / .from_preset(name), LOSS_PRESETS          the baselines
 
@@ -69,9 +69,11 @@ class _Hyperparameters:
     visual_pairing: str
     temperature: float
     ignore_index: int
+    softcap: float | None = None
 
     @classmethod
-    def validated(cls, fn: str, beta, alpha, gamma, lambda_, visual_pairing, temperature, ignore_index):
+    def validated(cls, fn: str, beta, alpha, gamma, lambda_, visual_pairing, temperature, ignore_index,
+                  softcap=None):
         def weight(name, value):
             return v.check_in_range(fn, name, value, 0.0, v.MAX_LOSS_WEIGHT)
 
@@ -88,6 +90,7 @@ class _Hyperparameters:
             visual_pairing=visual_pairing,
             temperature=v.check_temperature(fn, temperature),
             ignore_index=ignore_index,
+            softcap=v.check_softcap(fn, softcap),
         )
 
     @property
@@ -149,6 +152,7 @@ def _check_reference(
     ref: PrecomputedReference,
     tokens: SpanTokens,
     temperature: float,
+    softcap: float | None,
     blocks_read: int,
     ref_weight: torch.Tensor | None,
 ) -> int:
@@ -158,6 +162,16 @@ def _check_reference(
         raise ValueError(
             f"{fn}: `ref_hidden` (a PrecomputedReference) holds log-probs at temperature {ref.temperature}; "
             f"this loss uses temperature {temperature}"
+        )
+    # A reference read from a store written before the cap existed comes with softcap None: no cap.
+    stored_cap = ref.softcap
+    if stored_cap != softcap:
+        def cap(c):
+            return "no softcap" if c is None else f"softcap {c}"
+
+        raise ValueError(
+            f"{fn}: `ref_hidden` (a PrecomputedReference) holds log-probs computed with {cap(stored_cap)}; "
+            f"this loss uses {cap(softcap)} (`softcap` must match)"
         )
     # Blocks are stored in order, so a reference built with the (v', .) blocks also serves a batch that
     # reads only the first two (no v' rows, or gamma = 0): the tokens read are a prefix of the stored ones.
@@ -224,7 +238,7 @@ class _SpanTokenValues(NamedTuple):
 def _evaluate_head(fn, hp, tokens, weight, bias, hidden, ref_hidden, ref_weight, ref_bias, visual):
     """Run the head on the span tokens only, once per token."""
     h = gather_rows(hidden, tokens)
-    op_kwargs = {"temperature": hp.temperature, "ignore_index": hp.ignore_index}
+    op_kwargs = {"temperature": hp.temperature, "ignore_index": hp.ignore_index, "softcap": hp.softcap}
     if not isinstance(ref_hidden, PrecomputedReference):
         # One call for every block: the reference log-prob is needed at every span token anyway, and
         # the KL accumulators come free with it. Only the (v, y+) tokens (leading) get a KL gradient.
@@ -237,7 +251,7 @@ def _evaluate_head(fn, hp, tokens, weight, bias, hidden, ref_hidden, ref_weight,
 
     need_kl = hp.needs_reference_hidden
     s0 = _check_reference(
-        fn, ref_hidden, tokens, hp.temperature, 4 if visual else 2, ref_weight if need_kl else None
+        fn, ref_hidden, tokens, hp.temperature, hp.softcap, 4 if visual else 2, ref_weight if need_kl else None
     )
     # The gathered tokens are a prefix of the stored ones: unread (v', .) rows come last.
     ref_logp = ref_hidden.logps[: tokens.index.shape[0]]
@@ -411,6 +425,7 @@ def firempo_loss(
     visual_pairing: str = "reversed",
     temperature: float = 1.0,
     ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> FiReMPOOutput:
     """The FiRe-MPO loss, functional form of :class:`FiReMPOLoss` (hyperparameters documented there).
 
@@ -421,7 +436,7 @@ def firempo_loss(
     For a baseline, pass ``**LOSS_PRESETS[name]``.
     """
     hp = _Hyperparameters.validated(
-        "firempo_loss", beta, alpha, gamma, lambda_, visual_pairing, temperature, ignore_index
+        "firempo_loss", beta, alpha, gamma, lambda_, visual_pairing, temperature, ignore_index, softcap
     )
     return _firempo_loss(
         "firempo_loss", hp, weight, hidden, ref_hidden, labels, span_weights, has_corrupted_image,
@@ -446,6 +461,10 @@ class FiReMPOLoss(torch.nn.Module):
             (Delta(y+, v) - Delta(y-, v')).
         temperature: in [1e-6, 1e6]; both models' logits are divided by it.
         ignore_index: label of positions that are not targets.
+        softcap: None (default: no cap, nothing computed for it), or the model's
+            ``config.final_logit_softcapping``, a float in [1e-6, 1e6]: both models' logits become
+            ``softcap * tanh(logits / softcap)`` before the temperature, as Gemma 2, PaliGemma 2 and Gemma 3n
+            compute them. A :class:`PrecomputedReference` must have been built with the same cap.
 
     Presets: :meth:`rrpo`, :meth:`mask_dpo`, :meth:`dpo`, or :meth:`from_preset` by name (see ``LOSS_PRESETS``).
     Call it as ``loss_fn(weight, hidden, ref_hidden, labels, span_weights, has_corrupted_image=None, *,
@@ -461,10 +480,11 @@ class FiReMPOLoss(torch.nn.Module):
         visual_pairing: str = "reversed",
         temperature: float = 1.0,
         ignore_index: int = -100,
+        softcap: float | None = None,
     ) -> None:
         super().__init__()
         self._hp = _Hyperparameters.validated(
-            "FiReMPOLoss", beta, alpha, gamma, lambda_, visual_pairing, temperature, ignore_index
+            "FiReMPOLoss", beta, alpha, gamma, lambda_, visual_pairing, temperature, ignore_index, softcap
         )
 
     @classmethod

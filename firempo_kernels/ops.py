@@ -82,14 +82,15 @@ def chunk_shape(num_tokens: int, vocab: int, device: torch.device, backend: str 
     return n_chunk, max(1, min(vocab, _TORCH_VOCAB_CHUNK, budget // n_chunk))
 
 
-def _stats_torch(h, w, b, rh, rw, rb, y, inv_tau, expect_from=None):
+def _stats_torch(h, w, b, rh, rw, rb, y, inv_tau, expect_from=None, softcap=None):
     """Merged statistics [NUM_STATS, n], and with ``expect_from`` (an int) E_p[w] [n - expect_from, d] for
-    the rows from ``expect_from`` on (else None)."""
+    the rows from ``expect_from`` on (else None); with ``softcap``, E_p[(1 - tanh^2) w] (section 8)."""
     n, vocab = h.shape[0], w.shape[0]
     n_chunk, v_chunk = chunk_shape(n, vocab, h.device)
     acc = accumulation_dtype(h.dtype)
     stats = h.new_empty((NUM_STATS, n), dtype=acc)
     has_ref = rh is not None
+    cap_scale = None if softcap is None else softcap * inv_tau
     expected_w = None if expect_from is None else h.new_zeros((n - expect_from, w.shape[1]), dtype=acc)
     for i in range(0, n, n_chunk):
         rows = slice(i, i + n_chunk)
@@ -100,12 +101,12 @@ def _stats_torch(h, w, b, rh, rw, rb, y, inv_tau, expect_from=None):
         running = None
         for j in range(0, vocab, v_chunk):
             cols = slice(j, j + v_chunk)
-            s = chunk_logits(h[rows], w[cols], None if b is None else b[cols], inv_tau)
-            t = chunk_logits(rh[rows], rw[cols], None if rb is None else rb[cols], inv_tau) if has_ref else None
+            s = chunk_logits(h[rows], w[cols], None if b is None else b[cols], inv_tau, softcap)
+            t = chunk_logits(rh[rows], rw[cols], None if rb is None else rb[cols], inv_tau, softcap) if has_ref else None
             # Each chunk's statistics are relative to the running maximum or above, so E_p[w]'s running
             # sum is rescaled in place and the merge leaves this chunk's share as it is.
             part = chunk_stats(s, t, y[rows] - j, None if expected is None else w[cols].to(acc), expected,
-                               None if running is None else running[M_S])
+                               None if running is None else running[M_S], cap_scale)
             running = part if running is None else merge_partials(torch.stack((running, part)), has_ref)
         stats[:, rows] = running
         if expected is not None:
@@ -113,10 +114,10 @@ def _stats_torch(h, w, b, rh, rw, rb, y, inv_tau, expect_from=None):
     return stats, expected_w
 
 
-def _stats_triton(h, w, b, rh, rw, rb, y, inv_tau) -> torch.Tensor:
+def _stats_triton(h, w, b, rh, rw, rb, y, inv_tau, softcap=None) -> torch.Tensor:
     from firempo_kernels.csrc_triton import token_stats_partials
 
-    partials = token_stats_partials(h, w, b, rh, rw, rb, y, inv_tau)
+    partials = token_stats_partials(h, w, b, rh, rw, rb, y, inv_tau, softcap=softcap)
     return merge_partials(partials, rh is not None)
 
 
@@ -138,12 +139,16 @@ class _FusedTokenStats(torch.autograd.Function):
     """Inputs are already validated, compacted to non-ignored rows and 2-D."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau, backend, kl_rows):
+    def forward(ctx, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau, backend, kl_rows,
+                softcap):
         has_ref = ref_hidden is not None
         need_dh, need_dw, need_db = ctx.needs_input_grad[:3]
         # With a frozen head, dh of a row without a KL gradient is g (w_y - E_p[w]): E_p[w] is gathered here
         # from the probabilities the forward has anyway, so the backward rebuilds no logits for those rows
         # (docs/design.md section 7). Rows [0, kl_rows) may get a KL gradient and are rebuilt as before.
+        # With a cap the same holds for the chained rows: dh = g (c_y w_y - E_p[c w]) with c = 1 - tanh^2,
+        # and c comes free from the capped logits the forward has; so the cap keeps this path rather than
+        # falling back to the rebuild, at one more [rows, vocab] chunk buffer (docs/design.md section 8).
         n = hidden.shape[0]
         frozen_head = backend == "torch" and need_dh and not (need_dw or need_db)
         expect_from = kl_rows if frozen_head and kl_rows < n else None
@@ -152,13 +157,14 @@ class _FusedTokenStats(torch.autograd.Function):
             if hidden.shape[0] == 0:  # no kernel launch for an empty grid
                 stats = hidden.new_zeros((NUM_STATS, 0), dtype=accumulation_dtype(hidden.dtype))
             elif backend == "triton":
-                stats = _stats_triton(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau)
+                stats = _stats_triton(hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau,
+                                      softcap)
             else:
                 stats, expected_w = _stats_torch(
-                    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau, expect_from
+                    hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, inv_tau, expect_from, softcap
                 )
             out = finalize(stats, has_ref)
-        ctx.inv_tau, ctx.backend, ctx.has_ref = inv_tau, backend, has_ref
+        ctx.inv_tau, ctx.backend, ctx.has_ref, ctx.softcap = inv_tau, backend, has_ref, softcap
         ctx.save_for_backward(
             hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
             out.lse, out.ref_lse, out.expected_diff, expected_w,
@@ -193,7 +199,7 @@ class _FusedTokenStats(torch.autograd.Function):
         def cast(grad, like):
             return None if grad is None else grad.to(like.dtype)
 
-        no_grads = (None,) * 7  # targets, inv_tau, backend, kl_rows and the reference's three
+        no_grads = (None,) * 8  # targets, inv_tau, backend, kl_rows, softcap and the reference's three
         dh = torch.zeros(hidden.shape, dtype=acc, device=hidden.device) if need_dh else None
         # Rows [0, rebuilt) get dS from rebuilt logits; the rest, dh from E_p[w]. A KL gradient on a row
         # without E_p[w]'s KL companions (not promised by the caller) sends every row to the rebuild.
@@ -202,7 +208,13 @@ class _FusedTokenStats(torch.autograd.Function):
             first = n - expected_w.shape[0]
             if kl_rows is None or not bool(kl_rows[first:].any()):
                 rebuilt = first
-                dh[first:] = weight.index_select(0, targets[first:]).to(acc).sub_(expected_w)
+                w_y = weight.index_select(0, targets[first:]).to(acc)
+                if ctx.softcap is not None:  # c_y = 1 - tanh^2(z_y / softcap), z_y = h . w_y + b_y
+                    z_y = (hidden[first:].to(acc) * w_y).sum(dim=1)
+                    if bias is not None:
+                        z_y += bias.index_select(0, targets[first:]).to(acc)
+                    w_y *= (1.0 - torch.tanh(z_y / ctx.softcap).square())[:, None]
+                dh[first:] = w_y.sub_(expected_w)
                 dh[first:] *= grad_logp[first:, None] * ctx.inv_tau
 
         triton_path = ctx.backend == "triton"
@@ -233,7 +245,7 @@ class _FusedTokenStats(torch.autograd.Function):
                         grad_logp[rows],
                         grad_kl_forward[rows] if need_ref else None,
                         grad_kl_reverse[rows] if need_ref else None,
-                        ctx.inv_tau, operand_dtype,
+                        ctx.inv_tau, operand_dtype, ctx.softcap,
                     ).to(operand_dtype)
                     if need_dh:
                         _accumulate_product(dh[rows], ds, w_j)
@@ -268,7 +280,7 @@ def _expand(values: torch.Tensor, index, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, temperature, ignore_index,
-         kl_gradient_rows=None):
+         kl_gradient_rows=None, softcap=None):
     """Validate, compact and apply. ``kl_gradient_rows``: only the first that many positions (of the
     flattened ``targets``) can receive a KL gradient; None: any of them."""
     v.check_tensor(fn, "targets", targets)
@@ -288,6 +300,7 @@ def _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, te
         "ref_weight": ref_weight, "ref_bias": ref_bias, "targets": targets,
     })
     inv_tau = 1.0 / v.check_temperature(fn, temperature)
+    softcap = v.check_softcap(fn, softcap)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{fn}: `ignore_index` must be an int; got {type(ignore_index).__name__}")
     v.check_targets(fn, "targets", targets, weight.shape[0], ignore_index)
@@ -304,7 +317,7 @@ def _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, te
         kl_rows = y.shape[0]
     else:
         kl_rows = kl_gradient_rows if index is None else int((index < kl_gradient_rows).sum())
-    outs = _FusedTokenStats.apply(h, weight, bias, rh, ref_weight, ref_bias, y, inv_tau, backend, kl_rows)
+    outs = _FusedTokenStats.apply(h, weight, bias, rh, ref_weight, ref_bias, y, inv_tau, backend, kl_rows, softcap)
     outs = outs if has_ref else (outs,)
     return [_expand(o, index, targets) for o in outs]
 
@@ -317,8 +330,10 @@ def fused_linear_logprobs(
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Log-probability of each target under ``softmax((hidden @ weight.T + bias) / temperature)``.
+    """Log-probability of each target under ``softmax((hidden @ weight.T + bias) / temperature)``, or with
+    ``softcap`` under ``softmax(softcap * tanh((hidden @ weight.T + bias) / softcap) / temperature)``.
 
     Args:
         hidden: [..., d] float32/bfloat16/float16 (float64 on the torch backend).
@@ -327,11 +342,15 @@ def fused_linear_logprobs(
         bias: optional [V], the dtype of ``weight``.
         temperature: in [1e-6, 1e6]; the logits are divided by it.
         ignore_index: positions with this target give 0 and receive no gradient.
+        softcap: None (no cap, nothing computed for it), or a float in [1e-6, 1e6]: the logits are
+            soft-capped to (-softcap, softcap) before the temperature, as models with
+            ``config.final_logit_softcapping`` (Gemma 2, PaliGemma 2, Gemma 3n) compute theirs.
 
     Returns:
         float32 tensor shaped like ``targets`` (float64 for float64 inputs).
     """
-    (logp,) = _run("fused_linear_logprobs", hidden, weight, bias, None, None, None, targets, temperature, ignore_index)
+    (logp,) = _run("fused_linear_logprobs", hidden, weight, bias, None, None, None, targets, temperature, ignore_index,
+                   softcap=softcap)
     return logp
 
 
@@ -346,10 +365,12 @@ def fused_linear_token_kl(
     ref_bias: torch.Tensor | None = None,
     temperature: float = 1.0,
     ignore_index: int = -100,
+    softcap: float | None = None,
 ) -> TokenKL:
     """Target log-probs of policy and reference and both token-wise KL directions, without logits.
 
-    With s = (hidden @ weight.T + bias) / T, t = (ref_hidden @ ref_weight.T + ref_bias) / T,
+    With s = (hidden @ weight.T + bias) / T, t = (ref_hidden @ ref_weight.T + ref_bias) / T (with
+    ``softcap`` = c: s = c tanh((hidden @ weight.T + bias) / c) / T and t likewise, the same cap for both),
     p = softmax(s), q = softmax(t), per position:
     ``logp = log p[y]``, ``ref_logp = log q[y]``, ``kl_forward = KL(q || p)``, ``kl_reverse = KL(p || q)``,
     both KLs over the full vocabulary.
@@ -363,6 +384,9 @@ def fused_linear_token_kl(
         bias, ref_bias: optional [V].
         temperature: in [1e-6, 1e6], applied to both models' logits.
         ignore_index: positions with this target give 0 everywhere and receive no gradient.
+        softcap: None (no cap, nothing computed for it), or a float in [1e-6, 1e6] applied to both models'
+            logits before the temperature (``config.final_logit_softcapping``); both KLs are then of the
+            capped distributions and the gradients chain through the tanh.
 
     Returns:
         :class:`TokenKL` of four float32 tensors shaped like ``targets``. Gradients reach ``hidden``,
@@ -371,20 +395,32 @@ def fused_linear_token_kl(
     """
     return token_kl_with_kl_rows(
         hidden, weight, ref_hidden, ref_weight, targets, None,
-        bias=bias, ref_bias=ref_bias, temperature=temperature, ignore_index=ignore_index,
+        bias=bias, ref_bias=ref_bias, temperature=temperature, ignore_index=ignore_index, softcap=softcap,
     )
 
 
 def token_kl_with_kl_rows(
-    hidden, weight, ref_hidden, ref_weight, targets, kl_gradient_rows: int | None, *,
-    bias=None, ref_bias=None, temperature=1.0, ignore_index=-100, fn="fused_linear_token_kl",
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    targets: torch.Tensor,
+    kl_gradient_rows: int | None,
+    *,
+    bias: torch.Tensor | None = None,
+    ref_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    fn: str = "fused_linear_token_kl",
 ) -> TokenKL:
-    """:func:`fused_linear_token_kl` for a caller that knows that only the first ``kl_gradient_rows``
-    positions of the flattened ``targets`` can get a KL gradient (None: any): with a frozen head the
-    forward then gathers the KL's backward terms for those rows only. A KL gradient elsewhere is still
-    right, at the cost of rebuilding the logits in the backward."""
+    """:func:`fused_linear_token_kl` (same arguments, shapes and dtypes) for a caller that knows that only
+    the first ``kl_gradient_rows`` positions of the flattened ``targets`` can get a KL gradient (None: any):
+    with a frozen head the forward then gathers the KL's backward terms for those rows only. A KL gradient
+    elsewhere is still right, at the cost of rebuilding the logits in the backward. ``fn`` names the caller
+    in error messages."""
     v.check_tensor(fn, "ref_weight", ref_weight)
     v.check_tensor(fn, "ref_hidden", ref_hidden)
     outs = _run(fn, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets, temperature, ignore_index,
-                kl_gradient_rows)
+                kl_gradient_rows, softcap)
     return TokenKL(*outs)

@@ -36,6 +36,9 @@ class PrecomputedReference(NamedTuple):
     (enough when the loss has alpha = 0)."""
     temperature: float
     """The temperature the log-probs were computed at; the loss checks it equals its own."""
+    softcap: float | None = None
+    """The logit soft cap the log-probs were computed with (None: none, also for stores written before the
+    field existed); the loss checks it equals its own."""
 
     @property
     def num_examples(self) -> int:
@@ -60,6 +63,7 @@ class PrecomputedReference(NamedTuple):
         temperature: float = 1.0,
         ignore_index: int = -100,
         keep_hidden: bool = True,
+        softcap: float | None = None,
     ) -> "PrecomputedReference":
         """Evaluate the reference head at the span tokens of one batch; runs without autograd.
 
@@ -74,6 +78,7 @@ class PrecomputedReference(NamedTuple):
             temperature: must equal the loss's ``temperature``.
             ignore_index: must equal the loss's ``ignore_index``.
             keep_hidden: store the (v, y+) span-token hidden states (needed when the loss has alpha > 0).
+            softcap: must equal the loss's ``softcap`` (None: no cap).
 
         Returns:
             The batch's :class:`PrecomputedReference`, detached, on the device of ``ref_hidden``; ``logps``
@@ -81,6 +86,7 @@ class PrecomputedReference(NamedTuple):
         """
         fn = "PrecomputedReference.from_reference_forward"
         v.check_head(fn, "ref_weight", ref_weight, "ref_bias", ref_bias)
+        softcap = v.check_softcap(fn, softcap)
         v.check_tensor(fn, "labels", labels, ndim=2)
         v.check_hidden(fn, "ref_hidden", ref_hidden, "ref_weight", ref_weight, labels)
         tokens = gather_span_tokens(
@@ -90,10 +96,11 @@ class PrecomputedReference(NamedTuple):
         with torch.no_grad():
             hidden = gather_rows(ref_hidden, tokens)
             logps = fused_linear_logprobs(
-                hidden, ref_weight, tokens.labels, bias=ref_bias, temperature=temperature, ignore_index=ignore_index
+                hidden, ref_weight, tokens.labels, bias=ref_bias, temperature=temperature, ignore_index=ignore_index,
+                softcap=softcap,
             )
         kept = hidden[: int(row_counts[0].sum())].clone() if keep_hidden else None
-        return cls(logps, row_counts, kept, float(temperature))
+        return cls(logps, row_counts, kept, float(temperature), softcap)
 
     def unbind(self) -> list["PrecomputedReference"]:
         """Split into B single-example references (each with ``row_counts`` of shape [k, 1]), for storage."""
@@ -107,6 +114,7 @@ class PrecomputedReference(NamedTuple):
                 self.row_counts[:, i : i + 1].clone(),
                 hidden_rows[i].clone() if hidden_rows is not None else None,
                 self.temperature,
+                self.softcap,
             )
             for i in range(b)
         ]
@@ -133,6 +141,9 @@ class PrecomputedReference(NamedTuple):
         temperatures = sorted({ref.temperature for ref in references})
         if len(temperatures) > 1:
             raise ValueError(f"{fn}: all references must share one temperature; got {temperatures}")
+        caps = {ref.softcap for ref in references}
+        if len(caps) > 1:
+            raise ValueError(f"{fn}: all references must share one softcap; got {sorted(caps, key=str)}")
         k = max(ref.num_blocks for ref in references)
         counts = [ref.row_counts.cpu() for ref in references]
         per_ref_rows = [torch.split(ref.logps, c.reshape(-1).tolist()) for ref, c in zip(references, counts)]
@@ -145,7 +156,7 @@ class PrecomputedReference(NamedTuple):
             [torch.nn.functional.pad(ref.row_counts, (0, 0, 0, k - ref.num_blocks)) for ref in references], dim=1
         )
         hidden = torch.cat([ref.hidden for ref in references]) if all(with_hidden) else None
-        return PrecomputedReference(torch.cat(logps), row_counts, hidden, temperatures[0])
+        return PrecomputedReference(torch.cat(logps), row_counts, hidden, temperatures[0], caps.pop())
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PrecomputedReference":
         """The same reference with every tensor on ``device``."""

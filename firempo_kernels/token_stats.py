@@ -19,18 +19,37 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_tau: float) -> torch.Tensor:
-    """``(x @ w^T + b) * inv_tau`` in the accumulation dtype: x [n, d], w [v, d], b [v] -> [n, v]."""
+def chunk_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, inv_tau: float,
+                 softcap: float | None = None) -> torch.Tensor:
+    """Logits of one chunk in the accumulation dtype: x [n, d], w [v, d], b [v] or None -> [n, v].
+
+    ``(x @ w^T + b) * inv_tau``; with ``softcap``, ``softcap * tanh((x @ w^T + b) / softcap) * inv_tau``
+    (docs/design.md section 8).
+    """
     acc = accumulation_dtype(x.dtype)
     s = x.to(acc) @ w.to(acc).T
     if b is not None:
         s += b.to(acc)
+    if softcap is not None:  # cap and temperature as one scale after the tanh: one rounding, one pass
+        return s.div_(softcap).tanh_().mul_(softcap * inv_tau)
     return s if inv_tau == 1.0 else s.mul_(inv_tau)  # one pass over the chunk saved at the usual temperature
 
 
+def softcap_slope(s: torch.Tensor, scale: float) -> torch.Tensor:
+    """``1 - tanh^2(z / softcap)`` from capped logits ``s = scale * tanh(z / softcap)``, ``scale = softcap /
+    tau``: ds/dz times tau. Same shape and dtype as ``s``, a new tensor.
+
+    Taken from ``s`` rather than from z so that no second chunk of pre-cap logits is kept. r = s / scale is
+    tanh to a few ulp, so the slope carries an absolute error of a few ulp: where the tanh saturates in the
+    working precision (|z| / softcap > ~9 in fp32) it is 0, as eager autograd's tanh backward (1 - y^2 from
+    its output) makes it too.
+    """
+    # (1 - r)(1 + r) would round the product less, but r's own error (two roundings) dominates either way.
+    return (s / scale).square_().neg_().add_(1.0)
 def chunk_stats(
     s: torch.Tensor, t: torch.Tensor | None, local_targets: torch.Tensor,
     w: torch.Tensor | None = None, expected: torch.Tensor | None = None, m_floor: torch.Tensor | None = None,
+    softcap_scale: float | None = None,
 ) -> torch.Tensor:
     """Statistics ``[NUM_STATS, n]`` of one logits chunk s [n, v] (t [n, v] or None).
 
@@ -40,6 +59,8 @@ def chunk_stats(
     ``expected`` [k, d] (with head rows ``w`` [v, d] in the logits' dtype): the running sum over earlier
     chunks of ``exp(s_v - m) w_v`` for the last k rows, E_p[w] before its division by z
     (docs/design.md section 7); it is brought to the new maximum and this chunk's share added, in place.
+    ``softcap_scale`` (softcap / tau, with capped logits ``s``): ``expected`` then sums
+    ``exp(s_v - m) (1 - tanh^2) w_v``, the chained rows (docs/design.md section 8).
     ``s`` and ``t`` are consumed: their storage is reused for the exponentials, since chunk-sized
     temporaries are the torch path's whole working memory (three chunks at most, one without ``t``).
     """
@@ -54,13 +75,15 @@ def chunk_stats(
         stats[Y_T] = torch.where(in_chunk, t.gather(1, idx)[:, 0], 0.0)
         stats[M_T] = t.amax(dim=1)
         diff = s - t  # s - t, not s and t apart: the KL is a small difference of O(|logit|) terms
+    k = 0 if expected is None else expected.shape[0]
+    # The slope must be read before s turns into p: one [k, v] buffer, only with a cap.
+    slope = softcap_slope(s[n - k:], softcap_scale) if expected is not None and softcap_scale is not None else None
     p = s.sub_(stats[M_S, :, None]).exp_()
     stats[Z_S] = p.sum(dim=1)
     if expected is not None:  # the product accumulates in place: no [k, d] temporary per chunk
-        k = expected.shape[0]
         if m_floor is not None:
             expected.mul_(torch.exp(m_floor[n - k:] - stats[M_S, n - k:])[:, None])
-        expected.addmm_(p[n - k:], w)
+        expected.addmm_(p[n - k:] if slope is None else slope.mul_(p[n - k:]), w)
     if t is None:
         return stats
     q = t.sub_(stats[M_T, :, None]).exp_()
@@ -126,20 +149,27 @@ def finalize(stats: torch.Tensor, has_ref: bool) -> TokenOutputs:
 def chunk_dlogits(
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias, targets,
     lse, ref_lse, expected_diff, grad_logp, grad_kl_forward, grad_kl_reverse, inv_tau, out_dtype,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """PyTorch twin of ``csrc_triton.token_dlogits`` (same arguments, same formula): dS [n, v]."""
-    s = chunk_logits(hidden, weight, bias, inv_tau)
+    """PyTorch twin of ``csrc_triton.token_dlogits`` (same arguments, same formula): dS [n, v], the gradient
+    w.r.t. the pre-cap logits ``h W^T + b`` (with ``softcap``, the formula of docs/design.md section 3 in the
+    capped logits, times the tanh's slope)."""
+    s = chunk_logits(hidden, weight, bias, inv_tau, softcap)
     v = s.shape[1]
+    # With a cap the slope is taken before s turns into p: one more chunk-sized buffer.
+    slope = None if softcap is None else softcap_slope(s, softcap * inv_tau)
     if ref_hidden is None:
         ds = s.sub_(lse[:, None]).exp_().mul_(-grad_logp[:, None])  # -g_lp p, in the logits' storage
     else:
         # dS = p (g_r ((s - t) - E_p[s - t]) + g_f - g_lp) - g_f q  (+ g_lp at the target, below):
         # three chunk-sized buffers, the logits' two reused for p and q.
-        t = chunk_logits(ref_hidden, ref_weight, ref_bias, inv_tau)
+        t = chunk_logits(ref_hidden, ref_weight, ref_bias, inv_tau, softcap)
         ds = (s - t).sub_(expected_diff[:, None]).mul_(grad_kl_reverse[:, None])
         ds += (grad_kl_forward - grad_logp)[:, None]
         ds.mul_(s.sub_(lse[:, None]).exp_())
         ds.sub_(t.sub_(ref_lse[:, None]).exp_().mul_(grad_kl_forward[:, None]))
     in_chunk = (targets >= 0) & (targets < v)
     ds.scatter_add_(1, targets.clamp(0, v - 1)[:, None], torch.where(in_chunk, grad_logp, 0.0)[:, None])
+    if slope is not None:
+        ds.mul_(slope)
     return (ds if inv_tau == 1.0 else ds.mul_(inv_tau)).to(out_dtype)

@@ -1,5 +1,6 @@
 """Every Triton kernel compiles for Hopper (sm_90) and Ampere (sm_80) in every launch configuration it can
-get, within the shared-memory limit, with no register spills, and on the tensor cores for 16-bit operands.
+get (with and without a reference, with and without a logit soft cap), within the shared-memory limit, with
+no register spills, and on the tensor cores for 16-bit operands.
 
 Compiling needs real JIT functions, so it runs in a subprocess without TRITON_INTERPRET.
 """
@@ -26,8 +27,9 @@ def reports():
 def test_every_configuration_was_compiled(reports):
     from firempo_kernels.csrc_triton.configs import GPU_ARCHES, KERNELS
 
-    seen = {(r["kernel"], r["arch"], r["dtype"]) for r in reports}
-    assert seen == {(k, a, d) for k in KERNELS for a in GPU_ARCHES for d in ("fp32", "bf16", "fp16")}
+    seen = {(r["kernel"], r["arch"], r["dtype"], r["has_ref"], r["softcap"]) for r in reports}
+    assert seen == {(k, a, d, ref, cap) for k in KERNELS for a in GPU_ARCHES for d in ("fp32", "bf16", "fp16")
+                    for ref in (True, False) for cap in (True, False)}
 
 
 def test_within_shared_memory_and_no_spills(reports):

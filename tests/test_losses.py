@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import firempo_kernels.losses as losses_module
 from firempo_kernels import LOSS_PRESETS, FiReMPOLoss, FiReMPOOutput, PrecomputedReference, firempo_loss
+from reference import full_logits
 
 IGNORE = -100
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
@@ -28,6 +29,9 @@ CONFIGS = {
     "mask_dpo": dict(LOSS_PRESETS["mask_dpo"]),
     "dpo": dict(LOSS_PRESETS["dpo"]),
     "strong": {"beta": 0.7, "alpha": 0.4, "gamma": 0.8, "lambda_": 0.3, "temperature": 1.3},
+    # Soft-capped logits (Gemma 2's final_logit_softcapping): the batches' logits have a standard deviation
+    # of about 2, so a cap of 1.5 bends most of them.
+    "capped": {"beta": 0.7, "alpha": 0.4, "gamma": 0.8, "lambda_": 0.3, "temperature": 1.3, "softcap": 1.5},
 }
 DEFAULTS = {"beta": 0.1, "alpha": 0.01, "gamma": 0.1, "lambda_": 0.5, "temperature": 1.0}
 
@@ -35,22 +39,21 @@ DEFAULTS = {"beta": 0.1, "alpha": 0.01, "gamma": 0.1, "lambda_": 0.5, "temperatu
 # ------------------------------------------------------------------------------------------------------
 # The reference
 # ------------------------------------------------------------------------------------------------------
-def full_log_softmax(hidden, weight, bias, temperature, dtype=torch.float64):
-    logits = hidden.to(dtype) @ weight.to(dtype).T
-    if bias is not None:
-        logits = logits + bias.to(dtype)
-    return torch.log_softmax(logits / temperature, dim=-1)
+def full_log_softmax(hidden, weight, bias, temperature, dtype=torch.float64, softcap=None):
+    logits = full_logits(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                         temperature=temperature, softcap=softcap)
+    return torch.log_softmax(logits, dim=-1)
 
 
 def reference_terms(weight, hidden, ref_hidden, labels, span_weights, c, *, pairing="reversed",
                     ref_weight=None, bias=None, ref_bias=None, beta, alpha, gamma, lambda_, temperature,
-                    dtype=torch.float64):
+                    softcap=None, dtype=torch.float64):
     """Per-example terms of the FiRe-MPO loss from full logits (docs/design.md section 1), computed in
     ``dtype``: float64 is the reference; float32 is the eager full-logits path."""
     if ref_weight is None:  # a shared head; the reference is a frozen copy of it
         ref_weight, ref_bias = weight.detach(), None if bias is None else bias.detach()
-    logp_all = full_log_softmax(hidden, weight, bias, temperature, dtype)  # [k*B, T, V]
-    ref_all = full_log_softmax(ref_hidden, ref_weight, ref_bias, temperature, dtype)
+    logp_all = full_log_softmax(hidden, weight, bias, temperature, dtype, softcap)  # [k*B, T, V]
+    ref_all = full_log_softmax(ref_hidden, ref_weight, ref_bias, temperature, dtype, softcap)
     target = labels.clamp(min=0)[..., None]  # ignored positions have weight 0
     token_logp = logp_all.gather(-1, target)[..., 0]
     token_ref = ref_all.gather(-1, target)[..., 0]
@@ -253,14 +256,15 @@ def test_bias_gradient_and_head_options(shared_head):
     assert_rel_close(db, ref_db, GRAD_RTOL)
 
 
-def test_frozen_head_gets_no_gradient_and_hidden_grad_is_unchanged():
+@pytest.mark.parametrize("config", ["firempo", "capped"])
+def test_frozen_head_gets_no_gradient_and_hidden_grad_is_unchanged(config):
     batch = make_batch(num_examples=2)
     batch["weight"].requires_grad_(False)
     batch["bias"].requires_grad_(False)
-    out = call(FiReMPOLoss(), batch)
+    out = call(loss_for(CONFIGS[config]), batch)
     out.loss.backward()
     assert batch["weight"].grad is None and batch["bias"].grad is None
-    _, ref_dh, _ = reference_loss_and_grads(batch, {})
+    _, ref_dh, _ = reference_loss_and_grads(batch, CONFIGS[config])
     assert_rel_close(batch["hidden"].grad, ref_dh, GRAD_RTOL)
 
 
@@ -447,25 +451,29 @@ def test_micro_batches_with_num_examples_sum_to_full_batch(as_tensor):
 # ------------------------------------------------------------------------------------------------------
 # Precomputed reference
 # ------------------------------------------------------------------------------------------------------
-def build_reference(batch, keep_hidden=True, temperature=1.0):
+def build_reference(batch, keep_hidden=True, temperature=1.0, softcap=None):
     ref_weight = batch.get("ref_weight", batch["weight"]).detach()
     ref_bias = batch.get("ref_bias", batch.get("bias"))
     return PrecomputedReference.from_reference_forward(
         ref_weight, batch["ref_hidden"], batch["labels"], batch["span_weights"], batch["c"],
         ref_bias=None if ref_bias is None else ref_bias.detach(), temperature=temperature, keep_hidden=keep_hidden,
+        softcap=softcap,
     )
 
 
 @pytest.mark.parametrize(
     "config, corrupted, keep_hidden",
-    [("strong", True, True), ("strong", False, True), ("mask_dpo", True, False), ("rrpo", True, True)],
+    [("strong", True, True), ("strong", False, True), ("mask_dpo", True, False), ("rrpo", True, True),
+     ("capped", True, True)],
 )
 def test_precomputed_reference_equals_live(config, corrupted, keep_hidden):
     batch = make_batch(num_examples=3, corrupted=corrupted)
     loss_fn = loss_for(CONFIGS[config])
     live = call(loss_fn, batch)
     live_dh, live_dw = grads(live, batch)
-    reference = build_reference(batch, keep_hidden, CONFIGS[config].get("temperature", 1.0))
+    reference = build_reference(batch, keep_hidden, CONFIGS[config].get("temperature", 1.0),
+                                CONFIGS[config].get("softcap"))
+    assert reference.softcap == CONFIGS[config].get("softcap")
     assert reference.row_counts.shape == (4 if corrupted else 2, 3)
     assert (reference.hidden is not None) == keep_hidden
     stored = call(loss_fn, batch, ref=reference)
@@ -591,16 +599,18 @@ def test_precomputed_path_runs_kl_only_on_first_block(monkeypatch, alpha):
 # ------------------------------------------------------------------------------------------------------
 # Triton backend (interpreter on CPU): tiny shapes
 # ------------------------------------------------------------------------------------------------------
-def test_matches_reference_on_each_backend(backend):
+@pytest.mark.parametrize("name", ["strong", "capped"])
+def test_matches_reference_on_each_backend(backend, name):
     batch = make_batch(num_examples=2, seq_len=5, d=16, vocab=64)
-    config = CONFIGS["strong"]
+    config = CONFIGS[name]
     out = call(loss_for(config), batch)
     terms, ref_dh, ref_dw = reference_loss_and_grads(batch, config)
     dh, dw = grads(out, batch)
     assert_rel_close(out.loss, terms["loss"], LOSS_RTOL)
     assert_rel_close(dh, ref_dh, GRAD_RTOL)
     assert_rel_close(dw, ref_dw, GRAD_RTOL)
-    stored = call(loss_for(config), batch, ref=build_reference(batch, temperature=config["temperature"]))
+    stored = call(loss_for(config), batch,
+                  ref=build_reference(batch, temperature=config["temperature"], softcap=config.get("softcap")))
     assert_rel_close(stored.loss, out.loss.detach(), LOSS_RTOL)
 
 
@@ -659,6 +669,12 @@ def test_bad_batches_raise(change, error, match):
     ({"beta": 1e308}, ValueError, r"`beta` must lie in \[0, 1e\+06\]"),  # would give inf - inf = NaN
     ({"alpha": 1e300}, ValueError, "alpha"),
     ({"ignore_index": -100.0}, TypeError, "ignore_index"),
+    ({"softcap": 0.0}, ValueError, r"`softcap` must be None \(no cap\) or a finite float > 0"),
+    ({"softcap": -30.0}, ValueError, "softcap"),
+    ({"softcap": float("inf")}, ValueError, "softcap"),
+    ({"softcap": float("nan")}, ValueError, "softcap"),
+    ({"softcap": True}, TypeError, "`softcap` must be None or a float; got bool"),
+    ({"softcap": "30"}, TypeError, "softcap"),
 ])
 def test_bad_hyperparameters_raise(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -705,7 +721,43 @@ def test_mismatched_precomputed_reference_raises():
         call(loss_fn, batch, ref=reference._replace(temperature=2.0))
     with pytest.raises(ValueError, match="one temperature"):
         PrecomputedReference.collate([reference, reference._replace(temperature=2.0)])
+    with pytest.raises(ValueError, match="computed with softcap 30.0; this loss uses no softcap"):
+        call(loss_fn, batch, ref=reference._replace(softcap=30.0))
+    with pytest.raises(ValueError, match="computed with no softcap; this loss uses softcap 30.0"):
+        call(FiReMPOLoss(softcap=30.0), batch, ref=reference)
+    with pytest.raises(ValueError, match="one softcap"):
+        PrecomputedReference.collate([reference, reference._replace(softcap=30.0)])
     with pytest.raises(ValueError, match="at least one"):
         PrecomputedReference.collate([])
     with pytest.raises(ValueError, match="carry `hidden`"):
         PrecomputedReference.collate([reference, reference._replace(hidden=None)])
+
+
+# ------------------------------------------------------------------------------------------------------
+# Soft-capped logits
+# ------------------------------------------------------------------------------------------------------
+def test_softcap_changes_the_loss():
+    """The batches' logits are of the cap's scale: the capped loss is far from the uncapped one (so the
+    capped tests above do test the cap), and a huge cap is no cap to fp32 rounding."""
+    batch = make_batch(num_examples=2)
+    uncapped = call(FiReMPOLoss(beta=0.7, alpha=0.4, gamma=0.8), batch).loss.detach()
+    capped = call(FiReMPOLoss(beta=0.7, alpha=0.4, gamma=0.8, softcap=1.5), batch).loss.detach()
+    assert abs(capped - uncapped) > 0.1 * abs(uncapped)
+    assert_rel_close(call(FiReMPOLoss(beta=0.7, alpha=0.4, gamma=0.8, softcap=1e6), batch).loss, uncapped, LOSS_RTOL)
+    assert FiReMPOLoss(softcap=30).softcap == 30.0 and "softcap=30.0" in repr(FiReMPOLoss(softcap=30))
+
+
+def test_precomputed_reference_keeps_its_softcap_and_old_stores_mean_none():
+    batch = make_batch(num_examples=2)
+    capped = build_reference(batch, softcap=1.5)
+    assert all(piece.softcap == 1.5 for piece in capped.unbind())
+    assert PrecomputedReference.collate(capped.unbind()).softcap == 1.5
+    # A store written before the field existed builds its references from the first four fields only.
+    plain = build_reference(batch)
+    old = PrecomputedReference(plain.logps, plain.row_counts, plain.hidden, plain.temperature)
+    assert old.softcap is None
+    assert_rel_close(call(FiReMPOLoss(), batch, ref=old).loss, call(FiReMPOLoss(), batch).loss, LOSS_RTOL)
+    with pytest.raises(ValueError, match="softcap"):
+        call(FiReMPOLoss(softcap=1.5), batch, ref=old)
+    with pytest.raises(ValueError, match="PrecomputedReference.from_reference_forward: `softcap`"):
+        build_reference(batch, softcap=-1.0)

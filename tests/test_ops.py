@@ -4,10 +4,13 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import firempo_kernels as fk
 from firempo_kernels import ops
-from reference import reference_token_kl, rel_err
+from firempo_kernels.csrc_triton.logits_tile import tanh as kernel_tanh
+from reference import full_logits, reference_token_kl, rel_err
 
 # fp32: the statistics are sums of V terms in fp32, ~sqrt(V) * 2**-24 relative, far below these bounds;
 # the gradients add one more fp32 product chain (dS @ W), hence the looser of the two.
@@ -33,7 +36,7 @@ def upstream(shape):
 
 
 def check_token_kl(n, vocab, d, *, bias=False, temperature=1.0, ignore_frac=0.0, lead=(), ref_d=None,
-                   freeze_weight=False, scale=1.0):
+                   freeze_weight=False, scale=1.0, softcap=None):
     h, w, rh, rw, y, b, rb = make_inputs(n, vocab, d, bias=bias, lead=lead, ref_d=ref_d, scale=scale)
     if ignore_frac:
         y[torch.rand(y.shape) < ignore_frac] = -100
@@ -43,7 +46,7 @@ def check_token_kl(n, vocab, d, *, bias=False, temperature=1.0, ignore_frac=0.0,
     if b is not None:
         leaves.append(b.requires_grad_())
 
-    out = fk.fused_linear_token_kl(h, w, rh, rw, y, bias=b, ref_bias=rb, temperature=temperature)
+    out = fk.fused_linear_token_kl(h, w, rh, rw, y, bias=b, ref_bias=rb, temperature=temperature, softcap=softcap)
     g_lp, g_f, g_r = upstream(y.shape)
     ((out.logp * g_lp).sum() + (out.kl_forward * g_f).sum() + (out.kl_reverse * g_r).sum()).backward()
 
@@ -52,7 +55,7 @@ def check_token_kl(n, vocab, d, *, bias=False, temperature=1.0, ignore_frac=0.0,
     w64 = w.detach().double() if freeze_weight else leaves64[1]
     b64 = leaves64[-1] if b is not None else None
     ref = reference_token_kl(h64, w64, y, rh.double(), rw.double(), bias=b64,
-                             ref_bias=None if rb is None else rb.double(), temperature=temperature)
+                             ref_bias=None if rb is None else rb.double(), temperature=temperature, softcap=softcap)
     ((ref[0] * g_lp).sum() + (ref[2] * g_f).sum() + (ref[3] * g_r).sum()).backward()
 
     for name, got, want in zip(out._fields, out, ref):
@@ -189,26 +192,29 @@ def test_empty_input(backend):
 # Low precision: the error against the float64 truth of the same (rounded) inputs must be no worse than
 # that of the eager same-dtype PyTorch computation, plus a small tolerance (2**-9, one bf16 ulp at 1).
 # --------------------------------------------------------------------------------------------------
-def eager_same_dtype(h, w, rh, rw, y):
-    log_p = torch.log_softmax(h @ w.T, dim=-1)
-    log_q = torch.log_softmax(rh @ rw.T, dim=-1)
+def eager_same_dtype(h, w, rh, rw, y, softcap=None):
+    log_p = torch.log_softmax(full_logits(h, w, softcap=softcap), dim=-1)
+    log_q = torch.log_softmax(full_logits(rh, rw, softcap=softcap), dim=-1)
     logp = log_p.gather(-1, y[:, None])[:, 0]
     return (logp, log_q.gather(-1, y[:, None])[:, 0],
             (log_q.exp() * (log_q - log_p)).sum(-1), (log_p.exp() * (log_p - log_q)).sum(-1))
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["uncapped", "capped"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_no_worse_than_eager(backend, dtype):
+def test_low_precision_no_worse_than_eager(backend, dtype, softcap):
+    """With a cap, eager computes the tanh in the input dtype too (as a bf16 model does)."""
     h, w, rh, rw, y, _, _ = make_inputs(29, 260, 32, dtype=dtype, scale=4.0)
     g = upstream(y.shape)
     results = {}
-    for name, fn in (("fused", lambda *a: fk.fused_linear_token_kl(*a)), ("eager", eager_same_dtype)):
+    for name, fn in (("fused", lambda *a: fk.fused_linear_token_kl(*a, softcap=softcap)),
+                     ("eager", lambda *a: eager_same_dtype(*a, softcap=softcap))):
         hh, ww = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
         out = fn(hh, ww, rh, rw, y)
         ((out[0] * g[0]).sum() + (out[2] * g[1]).sum() + (out[3] * g[2]).sum()).backward()
         results[name] = (out, hh.grad, ww.grad)
     h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
-    ref = reference_token_kl(h64, w64, y, rh.double(), rw.double())
+    ref = reference_token_kl(h64, w64, y, rh.double(), rw.double(), softcap=softcap)
     ((ref[0] * g[0]).sum() + (ref[2] * g[1]).sum() + (ref[3] * g[2]).sum()).backward()
     tol = 2.0**-9
     fused, eager = results["fused"], results["eager"]
@@ -386,12 +392,14 @@ def _rebuilt_rows(monkeypatch):
     return rows
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["uncapped", "capped"])
 @pytest.mark.parametrize("kl_gradient_rows", [0, 45, 1000], ids=["none", "leading", "every"])
 @pytest.mark.parametrize("kl_beyond", [False, True], ids=["as-promised", "kl-gradient-beyond-the-promise"])
-def test_frozen_head_expectations(monkeypatch, kl_gradient_rows, kl_beyond):
+def test_frozen_head_expectations(monkeypatch, kl_gradient_rows, kl_beyond, softcap):
     """Across token and vocabulary chunks, with ignored rows compacted away, a frozen bias and a
     temperature: the gradient equals the float64 one whichever rows get a KL gradient; only the promised
-    rows are rebuilt, and a KL gradient beyond the promise still gets it right (every row rebuilt)."""
+    rows are rebuilt, and a KL gradient beyond the promise still gets it right (every row rebuilt).
+    With a cap (logits of standard deviation ~3, cap 2) the unrebuilt rows' dh comes from E_p[c w]."""
     monkeypatch.setenv("FIREMPO_BACKEND", "torch")
     monkeypatch.setattr(ops, "_TORCH_CHUNK_ELEMENTS", {"cpu": 1 << 12, "cuda": 1 << 12})
     monkeypatch.setattr(ops, "_TORCH_TOKEN_CHUNK", {"cpu": 32, "cuda": 32})
@@ -400,7 +408,8 @@ def test_frozen_head_expectations(monkeypatch, kl_gradient_rows, kl_beyond):
     y[torch.rand(y.shape) < 0.2] = -100
     y[:3] = -100
     h.requires_grad_()
-    out = ops.token_kl_with_kl_rows(h, w, rh, rw, y, kl_gradient_rows, bias=b, ref_bias=rb, temperature=0.8)
+    out = ops.token_kl_with_kl_rows(h, w, rh, rw, y, kl_gradient_rows, bias=b, ref_bias=rb, temperature=0.8,
+                                    softcap=softcap)
     g_lp, g_f, g_r = upstream(y.shape)
     promised = torch.arange(90) < kl_gradient_rows
     if not kl_beyond:
@@ -409,7 +418,7 @@ def test_frozen_head_expectations(monkeypatch, kl_gradient_rows, kl_beyond):
 
     h64 = h.detach().double().requires_grad_()
     ref = reference_token_kl(h64, w.double(), y, rh.double(), rw.double(), bias=b.double(), ref_bias=rb.double(),
-                             temperature=0.8)
+                             temperature=0.8, softcap=softcap)
     ((ref[0] * g_lp).sum() + (ref[2] * g_f).sum() + (ref[3] * g_r).sum()).backward()
     for name, got, want in zip(out._fields, out, ref):
         assert rel_err(got, want) < VALUE_RTOL, name
@@ -448,3 +457,152 @@ def test_weight_gradient_chunks(monkeypatch, tokens_per_chunk):
     h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     (reference_token_kl(h64, w64, y) * g).sum().backward()
     assert rel_err(h.grad, h64.grad) < GRAD_RTOL and rel_err(w.grad, w64.grad) < GRAD_RTOL
+
+
+# --------------------------------------------------------------------------------------------------
+# Soft-capped logits: s = softcap * tanh((h W^T + b) / softcap) / tau for both models (Gemma 2's
+# final_logit_softcapping). Logits of standard deviation ~4 against a cap of 2: most of them are bent.
+# --------------------------------------------------------------------------------------------------
+CAP, CAP_SCALE = 2.0, 4.0
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Several token and vocabulary chunks on both paths, forward and backward, at test sizes."""
+    monkeypatch.setattr(ops, "_TORCH_CHUNK_ELEMENTS", {"cpu": 1 << 11, "cuda": 1 << 11})
+    monkeypatch.setattr(ops, "_TORCH_TOKEN_CHUNK", {"cpu": 16, "cuda": 16})
+    monkeypatch.setattr(ops, "_TORCH_WEIGHT_GRADIENT_TOKENS", 16)
+    monkeypatch.setattr(ops, "_TRITON_CHUNK_ELEMENTS", 1 << 11)
+    monkeypatch.setattr(ops, "_TRITON_VOCAB_CHUNK", (64, 128))
+
+
+def test_the_cap_matters_at_these_scales():
+    """The capped tests below would pass an op that ignores the cap only if capping changed little."""
+    h, w, rh, rw, y, b, rb = make_inputs(37, 300, 24, bias=True, scale=CAP_SCALE)
+    capped = reference_token_kl(h.double(), w.double(), y, rh.double(), rw.double(), bias=b.double(),
+                                ref_bias=rb.double(), softcap=CAP)
+    plain = reference_token_kl(h.double(), w.double(), y, rh.double(), rw.double(), bias=b.double(),
+                               ref_bias=rb.double())
+    assert all(rel_err(p, c) > 0.3 for p, c in zip(plain, capped))
+
+
+@pytest.mark.parametrize("freeze_weight", [False, True], ids=["trained-head", "frozen-head"])
+def test_softcap_token_kl_matches_reference(backend, small_chunks, freeze_weight):
+    """Values and gradients (hidden, weight, bias) of both KLs and the log-probs, with a temperature, a
+    bias, ignored rows, odd sizes and several chunks each way."""
+    n, vocab = 37, 300
+    assert ops.chunk_shape(n, vocab, torch.device("cpu"), backend)[1] < vocab
+    check_token_kl(n, vocab, 24, bias=True, temperature=0.7, ignore_frac=0.3, freeze_weight=freeze_weight,
+                   scale=CAP_SCALE, softcap=CAP)
+
+
+@pytest.mark.parametrize("freeze_weight", [False, True], ids=["trained-head", "frozen-head"])
+def test_softcap_logprobs_matches_reference(backend, small_chunks, freeze_weight):
+    h, w, _, _, y, b, _ = make_inputs(37, 300, 24, bias=True, scale=CAP_SCALE)
+    y[torch.rand(y.shape) < 0.3] = -100
+    leaves = [h.requires_grad_()] + ([] if freeze_weight else [w.requires_grad_(), b.requires_grad_()])
+    logp = fk.fused_linear_logprobs(h, w, y, bias=b, temperature=1.3, softcap=CAP)
+    g = torch.randn(y.shape)
+    (logp * g).sum().backward()
+    leaves64 = [x.detach().double().requires_grad_() for x in leaves]
+    w64, b64 = (w.double(), b.double()) if freeze_weight else leaves64[1:]
+    (reference_token_kl(leaves64[0], w64, y, bias=b64, temperature=1.3, softcap=CAP) * g).sum().backward()
+    assert rel_err(logp, reference_token_kl(h.double(), w.double(), y, bias=b.double(), temperature=1.3,
+                                            softcap=CAP)) < VALUE_RTOL
+    for x, x64 in zip(leaves, leaves64):
+        assert rel_err(x.grad, x64.grad) < GRAD_RTOL
+
+
+def test_softcap_gradcheck_torch_path(monkeypatch):
+    monkeypatch.setenv("FIREMPO_BACKEND", "torch")
+    h, w, rh, rw, y, b, rb = make_inputs(6, 23, 5, dtype=torch.float64, bias=True, scale=CAP_SCALE)
+    y[2] = -100
+
+    def fn(h, w, b):
+        out = fk.fused_linear_token_kl(h, w, rh, rw, y, bias=b, ref_bias=rb, temperature=0.9, softcap=1.5)
+        return out.logp, out.kl_forward, out.kl_reverse
+
+    assert torch.autograd.gradcheck(fn, (h.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+    h.requires_grad_()  # the frozen-head path: dh from E_p[c w] gathered in the forward
+    assert torch.autograd.gradcheck(lambda h: fk.fused_linear_logprobs(h, w, y, bias=b, softcap=1.5), (h,))
+
+
+def test_huge_cap_is_no_cap(backend):
+    """tanh(x) = x (1 - x^2 / 3 + ...): at |x| ~ 1e-5 the cap changes a logit by ~1e-10 of itself."""
+    h, w, rh, rw, y, b, rb = make_inputs(9, 100, 16, bias=True)
+    capped = fk.fused_linear_token_kl(h, w, rh, rw, y, bias=b, ref_bias=rb, softcap=1e6)
+    plain = fk.fused_linear_token_kl(h, w, rh, rw, y, bias=b, ref_bias=rb)
+    for a, p in zip(capped, plain):
+        assert rel_err(a, p) < VALUE_RTOL
+
+
+def test_no_cap_computes_no_tanh(monkeypatch):
+    """``softcap=None`` adds nothing to the uncapped path: no tanh op on the torch path, and the kernels'
+    SOFTCAP constexpr is off (their uncapped code is what it was before the cap existed)."""
+    from firempo_kernels.csrc_triton.logits_tile import head_operands
+
+    monkeypatch.setenv("FIREMPO_BACKEND", "torch")
+    h, w, rh, rw, y, _, _ = make_inputs(20, 90, 16)
+    h.requires_grad_()
+    w.requires_grad_()
+
+    def tanh_ops(softcap):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = fk.fused_linear_token_kl(h, w, rh, rw, y, softcap=softcap)
+            (out.logp.sum() + out.kl_forward.sum() + out.kl_reverse.sum()).backward()
+        return sum(e.name.startswith("aten::tanh") for e in prof.events())
+
+    assert tanh_ops(None) == 0 and tanh_ops(CAP) > 0
+    assert head_operands(h, w, None, rh, rw, None)[2]["SOFTCAP"] is False
+    assert head_operands(h, w, None, rh, rw, None, CAP)[2]["SOFTCAP"] is True
+
+
+@triton.jit
+def _tanh_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, kernel_tanh(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)
+
+
+def test_kernel_tanh_accuracy_in_fp32():
+    """The kernels' tanh (from exp, no libdevice) against float64, under the interpreter.
+
+    Bound, in units of u = 2**-24 relative to tanh(x): for |x| >= 0.25, e = exp(-2|x|) <= 0.61 carries one
+    rounding (u e), which 1 - e >= 0.39 divides by at most 0.39: 1.6u; with the roundings of 1 - e, 1 + e
+    and the quotient, at most ~5u. For |x| < 0.25 the series' truncation is below 0.2u and Horner's scheme
+    on terms decreasing by x^2 / 3 <= 1/48 adds about one rounding per step: ~4u. So 6u, with margin.
+    Exactly odd, exactly +-1 for large |x|, never beyond 1.
+    """
+    magnitudes = torch.cat([
+        torch.logspace(-30, 2, 3000, dtype=torch.float64),
+        torch.linspace(0.2, 0.3, 1001, dtype=torch.float64),  # across the series / exp boundary
+        torch.rand(4000, dtype=torch.float64) * 10,
+        torch.tensor([0.0, 0.25, 9.0, 20.0, 1e30, math.inf], dtype=torch.float64),
+    ])
+    x = torch.cat([magnitudes, -magnitudes]).float()
+    out = torch.empty_like(x)
+    _tanh_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    want = torch.tanh(x.double())
+    u = 2.0**-24
+    rel = ((out.double() - want).abs() / want.abs().clamp_min(1e-300))[want != 0]
+    assert rel.max() <= 6 * u, f"{rel.max() / u:.2f} u"
+    half = magnitudes.numel()
+    assert torch.equal(out[half:], -out[:half])
+    assert out.abs().max() <= 1.0 and out[x.abs() > 9.1].abs().eq(1.0).all() and out[x == 0].eq(0).all()
+
+
+def test_capped_launch_takes_its_own_tile_where_the_cap_would_spill(monkeypatch):
+    """fp32 dlogits with 64-row tiles spills on sm_90 with a cap at the uncapped configuration; only the
+    capped launch takes fewer pipeline stages (tests/test_compile.py holds every launch to zero spills)."""
+    from firempo_kernels.csrc_triton import configs
+
+    monkeypatch.setattr(configs, "INTERPRETED", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (9, 0))
+    cuda = torch.device("cuda")
+    uncapped = configs.tile_config("token_dlogits_bwd", 500, torch.float32, cuda)
+    capped = configs.tile_config("token_dlogits_bwd", 500, torch.float32, cuda, softcap=True)
+    assert (uncapped.num_stages, capped.num_stages) == (3, 2)
+    assert (uncapped.block_n, uncapped.block_v, uncapped.block_d) == (capped.block_n, capped.block_v, capped.block_d)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert configs.tile_config("token_stats_fwd", 8, dtype, cuda, True) == configs.tile_config(
+            "token_stats_fwd", 8, dtype, cuda)

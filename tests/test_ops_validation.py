@@ -15,7 +15,8 @@ def good(n=4, vocab=10, d=6):
 
 def call(**overrides):
     args = good()
-    kwargs = {k: overrides.pop(k) for k in ("bias", "ref_bias", "temperature", "ignore_index") if k in overrides}
+    kwargs = {k: overrides.pop(k) for k in ("bias", "ref_bias", "temperature", "ignore_index", "softcap")
+              if k in overrides}
     args.update(overrides)
     return fk.fused_linear_token_kl(args["hidden"], args["weight"], args["ref_hidden"], args["ref_weight"],
                                     args["targets"], **kwargs)
@@ -47,6 +48,15 @@ CASES = [
     (dict(ref_weight=torch.randn(10, 6).numpy()), TypeError, "`ref_weight` must be a torch.Tensor"),
     (dict(ignore_index=1.5), TypeError, "`ignore_index` must be an int"),
     (dict(targets=torch.randint(0, 10, (4,), device="meta")), ValueError, "one device"),
+    (dict(softcap=0.0), ValueError, r"`softcap` must be None \(no cap\) or a finite float > 0 in \[1e-06, 1e\+06\]"),
+    (dict(softcap=-30.0), ValueError, "`softcap` must be None"),
+    (dict(softcap=math.inf), ValueError, "`softcap`"),
+    (dict(softcap=math.nan), ValueError, "`softcap`"),
+    (dict(softcap=1e-7), ValueError, "`softcap`"),  # 1 / softcap would leave fp32's range in the kernels
+    (dict(softcap=1e7), ValueError, "`softcap`"),
+    (dict(softcap=True), TypeError, "`softcap` must be None or a float; got bool"),
+    (dict(softcap="30"), TypeError, "`softcap` must be None or a float; got str"),
+    (dict(softcap=torch.tensor(30.0)), TypeError, "`softcap` must be None or a float; got Tensor"),
 ]
 
 
@@ -64,6 +74,13 @@ def test_ignore_index_is_not_range_checked():
 def test_logprobs_validates_too():
     with pytest.raises(ValueError, match="`hidden` last dimension"):
         fk.fused_linear_logprobs(torch.randn(3, 5), torch.randn(8, 6), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="fused_linear_logprobs: `softcap`"):
+        fk.fused_linear_logprobs(torch.randn(3, 6), torch.randn(8, 6), torch.zeros(3, dtype=torch.long), softcap=0)
+
+
+def test_integer_softcap_is_accepted():
+    out = call(softcap=30)
+    assert all(torch.isfinite(o).all() for o in out)
 
 
 def test_backend_choice(monkeypatch):
