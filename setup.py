@@ -40,7 +40,10 @@ setup(
         "numpy",
     ],
     extras_require={
-        "hf": ["transformers>=4.57", "pillow", "safetensors", "tokenizers", "trl>=1.16", "datasets>=4.7"],
+        "hf": [
+            "transformers>=4.57", "pillow", "safetensors", "tokenizers", "trl>=1.16", "datasets>=4.7",
+            "opencv-python-headless>=4.8",  # inpainting of lesion-corrupted images (data.corrupt, mode inpaint)
+        ],
         "deepspeed": ["deepspeed>=0.16", "pyyaml", "tqdm"],
         "peft": ["peft"],
         "bench": ["pytest-benchmark", "matplotlib", "liger-kernel", "cut-cross-entropy"],

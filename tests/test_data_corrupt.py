@@ -1,7 +1,9 @@
-"""Lesion corruption: only the lesion changes, with the paper's noise statistics, the same way every time."""
+"""Lesion corruption: only the (dilated) lesion changes, the same way every time; the paper's noise byte for byte,
+the inpaint and blur modes that remove the lesion."""
 
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,8 +11,12 @@ import torch
 from PIL import Image
 
 from firempo_kernels.integrations.data.corrupt import (
+    DEFAULT_MARGIN,
+    MODES,
     corrupt_array,
     corrupt_image_file,
+    corrupted_name,
+    dilate,
     lesion_region,
     main,
     record_seed,
@@ -117,3 +123,134 @@ def test_files_in_every_mode_and_the_command(tmp_path, mode, capsys):
         again = tmp_path / f"again-{rec.id}.png"
         corrupt_image_file(rec, again)
         np.testing.assert_array_equal(np.asarray(Image.open(again)), noisy)  # deterministic per id
+
+
+# --------------------------------------------------------------------------------------- modes and margins
+
+PAPER_DIGEST = "d166fdebb0f93d3bc1544271bf25626ce83b0d16172ecf3824edf3915d799970"
+
+
+def _digest_case():
+    rng = np.random.default_rng(2026)
+    return rng.integers(0, 256, size=(24, 20, 3), dtype=np.uint8), _disk(24, 20, 10, 9, 5)
+
+
+def test_paper_mode_is_byte_identical_to_the_stored_digest():
+    # The default (and mode="paper", margin 0) must keep writing the bytes every existing store holds.
+    image, region = _digest_case()
+    for kwargs in ({}, {"mode": "paper"}, {"mode": "paper", "margin": 0}, {"margin": None}):
+        h = hashlib.sha256()
+        for im in (image, image[..., 0]):
+            for r in (region, None):
+                h.update(corrupt_array(im, r, record_seed("digest-case"), **kwargs).tobytes())
+        assert h.hexdigest() == PAPER_DIGEST, kwargs
+
+
+def _tissue_scan(seed):
+    """A small chest-like scan (body, two darker lungs, texture) with a faint bright nodule in one lung."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:48, 0:48] + 0.5
+    img = np.full((48, 48), 18.0)
+    img[((xx - 24) / 22) ** 2 + ((yy - 24) / 23) ** 2 <= 1] = 105.0
+    for cx in (14.4, 33.6):
+        img[((xx - cx) / 7.2) ** 2 + ((yy - 23) / 16) ** 2 <= 1] = 55.0
+    img += rng.normal(0, 5, img.shape)
+    lesion = (xx - 33.6) ** 2 + (yy - 16) ** 2 <= 9
+    img[lesion] += 30
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8), lesion
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("margin", [None, 0, 3])
+def test_every_mode_changes_only_the_dilated_region_and_is_seeded(mode, margin):
+    seed = int(torch.randint(0, 2**31, ()).item())
+    image, lesion = _tissue_scan(seed)
+    grown = dilate(lesion, DEFAULT_MARGIN[mode] if margin is None else margin)
+    for im in (image, np.stack([image] * 3, -1)):
+        out = corrupt_array(im, lesion, seed, mode=mode, margin=margin)
+        assert out.dtype == np.uint8 and out.shape == im.shape
+        np.testing.assert_array_equal(out[~grown], im[~grown])
+        changed = np.any(out != im, axis=-1) if out.ndim == 3 else out != im
+        assert changed[grown].mean() > 0.3
+        np.testing.assert_array_equal(out, corrupt_array(im, lesion, seed, mode=mode, margin=margin))
+        if out.ndim == 3 and mode != "paper":  # a grey scan stored as RGB stays grey (paper: noise per channel)
+            assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    if mode != "blur":  # the blur has no randomness; the other modes draw from the record's seed
+        assert not np.array_equal(out, corrupt_array(im, lesion, seed + 1, mode=mode, margin=margin))
+
+
+def test_dilate_is_a_euclidean_disc():
+    region = np.zeros((11, 11), bool)
+    region[5, 5] = True
+    yy, xx = np.mgrid[0:11, 0:11]
+    np.testing.assert_array_equal(dilate(region, 3), (yy - 5) ** 2 + (xx - 5) ** 2 <= 9)
+    np.testing.assert_array_equal(dilate(region, 0), region)
+
+
+def test_inpaint_removes_the_nodule_and_keeps_the_tissue():
+    image, lesion = _tissue_scan(7)
+    out = corrupt_array(image, lesion, 7, mode="inpaint").astype(np.float64)
+    lung_ring = dilate(lesion, 5) & ~dilate(lesion, 2)
+    lung_ring &= np.asarray(image, np.float64) < 80  # lung pixels around the nodule
+    before = image[lesion].mean() - image[lung_ring].mean()
+    after = out[lesion].mean() - out[lung_ring].mean()
+    assert before > 20 and abs(after) < 6  # the nodule stood 30 above its lung; the fill is lung again
+    # the fill is textured like the lung around it: not flat, not the paper's noise
+    fine = out - np.median(np.lib.stride_tricks.sliding_window_view(np.pad(out, 1, mode="edge"), (3, 3)).reshape(48, 48, 9), -1)
+    ratio = fine[dilate(lesion, 2)].std() / fine[lung_ring].std()
+    assert 0.5 < ratio < 2.0, ratio
+
+
+def test_blur_sigma_and_mode_and_margin_checks():
+    image, lesion = _tissue_scan(1)
+    soft = corrupt_array(image, lesion, 1, mode="blur", blur_sigma=0.5)
+    strong = corrupt_array(image, lesion, 1, mode="blur", blur_sigma=8.0)
+    assert strong[lesion].astype(float).std() < soft[lesion].astype(float).std()
+    with pytest.raises(ValueError, match=r"`mode` must be one of \('paper', 'inpaint', 'blur'\); got 'noise'"):
+        corrupt_array(image, lesion, 1, mode="noise")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match=r"`margin` must be an int >= 0 \(pixels\) or None"):
+            corrupt_array(image, lesion, 1, mode="inpaint", margin=bad)
+    with pytest.raises(ValueError, match="`blur_sigma` must be finite and > 0"):
+        corrupt_array(image, lesion, 1, mode="blur", blur_sigma=0.0)
+
+
+def test_corrupted_names_keep_the_paper_name_and_tag_the_others():
+    assert corrupted_name("a/b") == corrupted_name("a/b", "paper", 0)
+    assert corrupted_name("a/b").endswith(f"-{hashlib.sha256(b'a/b').hexdigest()[:8]}.png")
+    names = {corrupted_name("r", m, k) for m in MODES for k in (0, 2)}
+    assert len(names) == 6  # a second mode or margin into the same folder overwrites nothing
+
+
+def _qa_file(tmp_path):
+    image, lesion = _tissue_scan(3)
+    Image.fromarray(image).save(tmp_path / "scan.png")
+    Image.fromarray(lesion.astype(np.uint8) * 255).save(tmp_path / "mask.png")
+    (tmp_path / "qa.jsonl").write_text(json.dumps(
+        {"id": "scan-1", "image": "scan.png", "question": "q", "lesion_mask": "mask.png"}) + "\n")
+    return tmp_path / "qa.jsonl", image, lesion
+
+
+def test_command_modes_margins_and_errors(tmp_path, capsys):
+    qa, image, lesion = _qa_file(tmp_path)
+    args = ["--data", str(qa), "--image-dir", str(tmp_path / "vp")]
+    assert main(args + ["--out", str(tmp_path / "inp.jsonl"), "--mode", "inpaint", "--margin", "3"]) == 0
+    assert "inpaint, margin 3" in capsys.readouterr().out
+    rec = load_qa_records(tmp_path / "inp.jsonl")[0]
+    out = np.asarray(Image.open(rec.corrupted_image))
+    np.testing.assert_array_equal(out, corrupt_array(image, lesion, record_seed("scan-1"), mode="inpaint", margin=3))
+    assert main(args + ["--out", str(tmp_path / "paper.jsonl")]) == 0
+    assert load_qa_records(tmp_path / "paper.jsonl")[0].corrupted_image != rec.corrupted_image
+    assert Path(rec.corrupted_image).is_file()  # the paper run left the inpaint run's image alone
+    capsys.readouterr()
+    for bad, message in (
+        (args + ["--out", str(tmp_path / "x.jsonl"), "--margin", "-2"], "--margin must be >= 0"),
+        (["--data", str(qa), "--image-dir", str(tmp_path / "vp")], "--out and --image-dir are required"),
+        (args + ["--out", str(tmp_path / "x.jsonl"), "--mode", "smudge"], "invalid choice: 'smudge'"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    # --check on records without v': one message, exit 2
+    assert main(["--check", "--data", str(qa)]) == 2
+    assert "has a `corrupted_image`" in capsys.readouterr().err

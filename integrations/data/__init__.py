@@ -5,7 +5,8 @@
     diff         word-level diff that tags exactly the differing phrases of two answers
     editors      judge-and-edit interface; rule-based and LLM-backed editors
     build_pairs  on-policy pairs: greedy answers, edits, the paper's chosen/rejected policy
-    corrupt      lesion noise (sigma 45 in the mask, 12 on the whole image without one), seeded per id
+    corrupt      lesion corruption, seeded per id: the paper's noise, or inpainting / blur that remove the lesion
+    evidence     detectors that learn nothing: does the corrupted image still show the lesion?
     dataset      records -> trainer examples (PreferenceExample)
     hf_dataset   records -> Hugging Face datasets.Dataset in TRL's preference format (images decoded up front)
     synthetic    deterministic synthetic medical VQA set (the embedded default)
@@ -13,10 +14,12 @@
 """
 
 from .build_pairs import GreedyAnswerer, PairStats, make_pair, make_pairs
-from .corrupt import corrupt_array, corrupt_records, lesion_region, record_seed
+from .corrupt import MODES as CORRUPTION_MODES
+from .corrupt import corrupt_array, corrupt_image_file, corrupt_records, lesion_region, record_seed
 from .dataset import PreferenceDataset, PromptEncoder, load_image
 from .diff import TaggedPair, tag_differences
 from .editors import Edit, Editor, LLMEditor, RuleBasedEditor, load_editor
+from .evidence import EvidenceReport, evidence_check
 from .hf_dataset import (
     load_preference_dataset,
     preference_dataset_from_records,
@@ -36,9 +39,11 @@ from .records import (
 from .tags import EncodedResponse, SpanAlignmentError, TagError, TaggedText, encode_response, parse_tags
 
 __all__ = [
+    "CORRUPTION_MODES",
     "Edit",
     "Editor",
     "EncodedResponse",
+    "EvidenceReport",
     "GreedyAnswerer",
     "LLMEditor",
     "PairStats",
@@ -55,8 +60,10 @@ __all__ = [
     "TaggedText",
     "as_preference",
     "corrupt_array",
+    "corrupt_image_file",
     "corrupt_records",
     "encode_response",
+    "evidence_check",
     "lesion_region",
     "load_editor",
     "load_image",
