@@ -405,11 +405,24 @@ def _concat_vision(per_example: list[dict[str, torch.Tensor]], name: str) -> dic
     out = {}
     for key in sorted(keys):
         parts = [d[key] for d in per_example]
-        trailing = {tuple(p.shape[1:]) for p in parts}
-        if len(trailing) != 1:
+        ranks = {p.dim() for p in parts}
+        if len(ranks) != 1:
             raise ValueError(
-                f"PreferenceCollator: `{name}[{key!r}]` must share all but the first dimension across examples "
-                f"to be concatenated; got shapes {[tuple(p.shape) for p in parts]}"
+                f"PreferenceCollator: `{name}[{key!r}]` must have one number of dimensions across examples; got "
+                f"shapes {[tuple(p.shape) for p in parts]}"
             )
-        out[key] = torch.cat(parts, dim=0)
+        trailing = [max(sizes) for sizes in zip(*(p.shape[1:] for p in parts))]
+        # Images of different sizes give stacks of different sizes (LlavaNext's anyres tiles, Pixtral's pixels,
+        # Idefics3's sub-images and their pixel masks): zero-padded at the end of each dimension to the largest,
+        # as the families' processors pad a batch; their models read the real extent from image_sizes, the pixel
+        # mask, or an all-zero image meaning none.
+        out[key] = torch.cat([_pad_to(p, trailing) for p in parts], dim=0)
     return out
+
+
+def _pad_to(x: torch.Tensor, trailing: list[int]) -> torch.Tensor:
+    if list(x.shape[1:]) == trailing:
+        return x
+    padded = x.new_zeros((x.shape[0], *trailing))
+    padded[(slice(None), *(slice(0, n) for n in x.shape[1:]))] = x
+    return padded

@@ -35,6 +35,7 @@ __all__ = [
     "QwenVLAdapter",
     "ImageTextAdapter",
     "Gemma3Adapter",
+    "Idefics3Adapter",
     "PaliGemmaAdapter",
     "register_adapter",
     "get_adapter",
@@ -333,9 +334,21 @@ class ImageTextAdapter(ModelAdapter):
         return torch.where(image, starts.long().cumsum(1) - 1, -1)
 
 
-@register_adapter("LlavaForConditionalGeneration")
+@register_adapter(
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+)
 class LlavaAdapter(ImageTextAdapter):
-    """Llava: ``model.model`` merges the projected image features into the placeholder tokens."""
+    """Llava and its kin: ``model.model`` merges the projected image features into the placeholder tokens,
+    and every input is the processor's as it is. LlavaNext and LlavaOnevision take their anyres tiles as
+    ``pixel_values`` [images, tiles, C, H, W] with ``image_sizes`` (and OneVision's ``batch_num_images``)."""
+
+
+@register_adapter("Idefics3ForConditionalGeneration")
+class Idefics3Adapter(ImageTextAdapter):
+    """Idefics3: ``pixel_values`` [rows, images, C, H, W] (the sub-images of a split image and its
+    global image; an all-zero image means none) with ``pixel_attention_mask`` [rows, images, H, W]."""
 
 
 @register_adapter(

@@ -22,7 +22,8 @@ __all__ = [
     "TINY_FAMILIES", "TINY_WORDS", "tiny_config", "tiny_model", "tiny_processor", "synthetic_rows", "synthetic_examples",
 ]
 
-TINY_FAMILIES = ("llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2")
+TINY_FAMILIES = ("llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2",
+                 "llava_next", "llava_onevision", "idefics3")
 """Families :func:`tiny_model` and :func:`tiny_processor` build. ``paligemma2`` is PaliGemma on a Gemma 2
 language model, whose config sets ``final_logit_softcapping`` (a soft-capped model)."""
 
@@ -36,8 +37,12 @@ def _special_ids(vocab_size: int) -> dict[str, int]:
         "video_token_id": vocab_size - 2,
         "vision_start_token_id": vocab_size - 3,
         "vision_end_token_id": vocab_size - 4,
+        **{f"reserved_{k}": vocab_size - k for k in range(5, _NUM_SPECIAL + 1)},
         "pad_token_id": 0,
     }
+
+
+_TINY_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
 
 
 def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, num_layers: int = 2,
@@ -87,6 +92,28 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
         return transformers.PaliGemmaConfig(
             text_config=gemma, vision_config=dict(siglip, patch_size=8), image_token_index=special["image_token_id"],
             vocab_size=vocab_size, projection_dim=hidden_size, hidden_size=hidden_size,
+            tie_word_embeddings=tie_word_embeddings,
+        )
+    if family in ("llava_next", "llava_onevision"):
+        # anyres: a 16 x 16 tile grid; a 16 x 32 image gets two tiles beside its base image.
+        vision = dict(model_type="clip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=num_layers, num_attention_heads=4, image_size=16, patch_size=8)
+        if family == "llava_onevision":  # SigLIP (no CLS token), whose every patch the "full" strategy keeps
+            vision = dict(siglip, patch_size=8)
+        cls = transformers.LlavaNextConfig if family == "llava_next" else transformers.LlavaOnevisionConfig
+        extra = {} if family == "llava_next" else {"video_token_index": special["video_token_id"]}
+        return cls(
+            vision_config=vision, text_config=dict(model_type="llama", **text),
+            image_token_index=special["image_token_id"], vision_feature_layer=-1,
+            image_grid_pinpoints=_TINY_PINPOINTS, tie_word_embeddings=tie_word_embeddings, **extra,
+        )
+    if family == "idefics3":
+        # 4-pixel patches, pixel-shuffled 2 x 2: 4 tokens per (sub-)image of 16 x 16
+        vision = dict(model_type="idefics3_vision", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=num_layers, num_attention_heads=4, image_size=16, patch_size=4)
+        return transformers.Idefics3Config(
+            vision_config=vision, text_config=dict(model_type="llama", **text), scale_factor=2,
+            image_token_id=special["image_token_id"], pad_token_id=special["pad_token_id"],
             tie_word_embeddings=tie_word_embeddings,
         )
     if family == "llava":
@@ -157,6 +184,9 @@ def tiny_model(
         "gemma3": transformers.Gemma3ForConditionalGeneration,
         "paligemma": transformers.PaliGemmaForConditionalGeneration,
         "paligemma2": transformers.PaliGemmaForConditionalGeneration,
+        "llava_next": transformers.LlavaNextForConditionalGeneration,
+        "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+        "idefics3": transformers.Idefics3ForConditionalGeneration,
     }[family]
     if family == "paligemma2" and attn_implementation == "sdpa":
         attn_implementation = "eager"  # Gemma 2 soft-caps its attention scores, which sdpa cannot
@@ -322,6 +352,15 @@ _PLACEHOLDERS = {
     "gemma3": (_GEMMA3_TOKENS, "<start_of_image>"),
     "paligemma": (_PALIGEMMA_TOKENS, "<image>"),
     "paligemma2": (_PALIGEMMA_TOKENS, "<image>"),
+    "llava_next": (_LLAVA_TOKENS, "<image>"),
+    "llava_onevision": ({**_LLAVA_TOKENS, "video_token": ("<video>", "video_token_id")}, "<image>"),
+    "idefics3": ({"image_token": ("<image>", "image_token_id"),
+                  "fake_image_token": ("<fake_token_around_image>", "vision_start_token_id"),
+                  "global_image_token": ("<global-img>", "vision_end_token_id"),
+                  "end_of_utterance_token": ("<end_of_utterance>", "video_token_id"),
+                  # the tiles of a split image (at most 2 x 2 here)
+                  **{f"row_{r}_col_{c}": (f"<row_{r}_col_{c}>", f"reserved_{2 * r + c + 2}")
+                     for r in (1, 2) for c in (1, 2)}}, "<image>"),
 }
 _TINY_IMAGE_SIZE = 16  # pixels: what the tiny vision towers of tiny_config take (4 image tokens)
 
@@ -386,7 +425,7 @@ def _tiny_tokenizer(family: str, vocab_size: int):
 
 
 _TINY_CLASS_NAMES = ("TinyQwenVLImageProcessor", "TinyQwen2VLProcessor", "TinyQwen2_5_VLProcessor",
-                     "TinyQwen3VLProcessor")
+                     "TinyQwen3VLProcessor", "TinyLlavaOnevisionProcessor")
 
 
 def _build_tiny_classes() -> None:
@@ -436,6 +475,7 @@ def _build_tiny_classes() -> None:
         "TinyQwenVLImageProcessor": TinyQwenVLImageProcessor,
         "TinyQwen2VLProcessor": images_only(transformers.Qwen2VLProcessor),
         "TinyQwen2_5_VLProcessor": images_only(transformers.Qwen2_5_VLProcessor),
+        "TinyLlavaOnevisionProcessor": images_only(transformers.LlavaOnevisionProcessor),
     }
     if hasattr(transformers, "Qwen3VLProcessor"):
         classes["TinyQwen3VLProcessor"] = images_only(transformers.Qwen3VLProcessor)
@@ -528,6 +568,40 @@ def tiny_processor(family: str, *, vocab_size: int = 128):
                                          image_mean=half, image_std=half)
         images.image_seq_length = (v.image_size // v.patch_size) ** 2
         return transformers.PaliGemmaProcessor(image_processor=images, tokenizer=tok, chat_template=tok.chat_template)
+    if family == "llava_next":
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        images = LlavaNextImageProcessorPil(
+            size={"height": v.image_size, "width": v.image_size}, crop_size={"height": v.image_size, "width":
+            v.image_size}, image_grid_pinpoints=_TINY_PINPOINTS, image_mean=half, image_std=half)
+        return transformers.LlavaNextProcessor(
+            image_processor=images, tokenizer=tok, patch_size=v.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
+            chat_template=tok.chat_template)
+    if family == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        images = LlavaOnevisionImageProcessorPil(
+            size={"height": v.image_size, "width": v.image_size}, image_grid_pinpoints=_TINY_PINPOINTS,
+            image_mean=half, image_std=half)
+        # transformers' video processors need torchvision, which a CPU install may lack: images only
+        return __getattr__("TinyLlavaOnevisionProcessor")(
+            image_processor=images, tokenizer=tok,
+            num_image_tokens=(v.image_size // v.patch_size) ** 2,
+            vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=tok.chat_template)
+    if family == "idefics3":
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        # Image splitting on: a 16 x 32 image becomes two 16 x 16 tiles (<row_1_col_1>, <row_1_col_2>, ...
+        # tokens, words of this vocabulary's fillers) and a global image.
+        images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * v.image_size},
+                                           max_image_size={"longest_edge": v.image_size}, image_mean=half,
+                                           image_std=half)
+        return transformers.Idefics3Processor(
+            image_processor=images, tokenizer=tok, chat_template=tok.chat_template,
+            image_seq_len=(v.image_size // v.patch_size) ** 2 // config.scale_factor**2)
     if family == "qwen3_vl" and not hasattr(transformers, "Qwen3VLProcessor"):
         raise ValueError("tiny_processor: this transformers release has no Qwen3-VL")
     side = v.patch_size * v.spatial_merge_size * 2  # a (1, 2m, 2m) grid merged m x m: 4 tokens

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from datasets import Dataset
+from PIL import Image
 
 from firempo_kernels.integrations.forward import compute_firempo_loss
 from firempo_kernels.integrations.models import get_adapter, loss_takes_softcap
@@ -28,11 +29,15 @@ from test_models import firempo_loss_from_logits
 pytestmark = pytest.mark.usefixtures("one_thread")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-FAMILIES = ["gemma3", "paligemma", "paligemma2"]
+FAMILIES = ["gemma3", "paligemma", "paligemma2", "llava_next", "llava_onevision", "idefics3"]
 #: families whose processor takes rows without an image (PaliGemma's refuses them)
-TEXT_ONLY = ["gemma3"]
+TEXT_ONLY = ["gemma3", "llava_next", "llava_onevision", "idefics3"]
+#: families whose saved processor loads back through AutoProcessor here; LlavaOnevision's stock processor
+#: holds a video processor, which needs torchvision (not installed), so its tiny one is an images-only subclass
+RELOADS = ["gemma3", "paligemma", "paligemma2", "llava_next", "idefics3"]
 #: the adapter each family must get
-ADAPTER = {"gemma3": "Gemma3Adapter", "paligemma": "PaliGemmaAdapter", "paligemma2": "PaliGemmaAdapter"}
+ADAPTER = {"gemma3": "Gemma3Adapter", "paligemma": "PaliGemmaAdapter", "paligemma2": "PaliGemmaAdapter",
+           "llava_next": "LlavaAdapter", "llava_onevision": "LlavaAdapter", "idefics3": "Idefics3Adapter"}
 IGNORE = -100
 
 
@@ -40,13 +45,23 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**20, ()))
 
 
+def image(gen: torch.Generator, height: int, width: int) -> Image.Image:
+    return Image.fromarray(torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy())
+
+
 def rows_for(family: str, seed: int, *, images: bool = True) -> list[dict]:
-    """Five rows of different prompt and response lengths (so they pad differently), v' on some."""
+    """Five rows of different prompt and response lengths (so they pad differently), v' on some, images of
+    three shapes (so that anyres tiles, split images and pixel masks differ between rows and are padded)."""
     rows = []
     for prompt_len, response_len, n in ((3, 6, 2), (7, 3, 2), (5, 8, 1)):
         data = synthetic_rows(family, num_examples=n, seed=seed + prompt_len, corrupted_every=2,
                               prompt_len=prompt_len, response_len=response_len)
         rows += [dict(data[i], id=f"{prompt_len}-{i}") for i in range(n)]
+    gen = torch.Generator().manual_seed(seed)
+    for i, row in enumerate(rows):
+        size = ((16, 16), (16, 32), (32, 16))[i % 3]
+        row["images"] = [image(gen, *size)]
+        row["corrupted_images"] = [image(gen, *size)] if row["corrupted_images"] else []
     if not images:
         rows = [dict(r, images=[], corrupted_images=[]) for r in rows]
     return rows
@@ -67,7 +82,7 @@ def model_inputs(family: str, model, batch, images) -> dict[str, torch.Tensor]:
     return inputs
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", ["gemma3", "paligemma", "paligemma2"])  # the families with token types
 def test_the_processor_marks_tokens_as_the_rule_says(family):
     """The rules of :func:`model_inputs` are the processors' own: Gemma 3's processor sets token_type_ids = 1
     on exactly the image placeholders, PaliGemma's on exactly the suffix (the answer)."""
@@ -223,8 +238,10 @@ def test_trains_from_a_saved_folder_and_a_precomputed_reference_equals_the_live_
 
     def train(**extra):
         model = transformers.AutoModelForImageTextToText.from_pretrained(folder)
-        # processing_class left out: the trainer loads the folder's processor with AutoProcessor
-        trainer = FiReMPOTrainer(model, args=trainer_args(tmp_path / "out", **extra), train_dataset=data)
+        # processing_class left out where it reloads: the trainer loads the folder's with AutoProcessor
+        processor = {} if family in RELOADS else {"processing_class": tiny_processor(family)}
+        trainer = FiReMPOTrainer(model, args=trainer_args(tmp_path / "out", **extra), train_dataset=data,
+                                 **processor)
         assert type(trainer.processing_class) is type(tiny_processor(family))
         before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         trainer.train()

@@ -20,7 +20,8 @@ from firempo_kernels.integrations.models import get_adapter
 from firempo_kernels.integrations.smoke import synthetic_rows, tiny_model, tiny_processor
 from firempo_kernels.integrations.trl import FiReMPOCollator
 
-FAMILIES = ["llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2"]
+FAMILIES = ["llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2", "llava_next",
+            "llava_onevision", "idefics3"]
 
 
 def mixed_batch(family: str, seed: int):
