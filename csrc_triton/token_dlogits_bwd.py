@@ -91,8 +91,8 @@ def token_dlogits(
 
     The reference operands and ``ref_lse``, ``expected_diff``, ``grad_kl_*`` are all given (a KL
     gradient is wanted) or all None. ``softcap`` (> 0, or None): the logits are soft-capped, and dS is the
-    gradient w.r.t. the pre-cap logits ``hidden @ weight.T + bias``. The result is ``out_dtype``; under the interpreter always fp32,
-    since its fp32->bf16 cast truncates instead of rounding (the caller casts).
+    gradient w.r.t. the pre-cap logits ``hidden @ weight.T + bias``. The result is ``out_dtype``; under the
+    interpreter always fp32, since its fp32->bf16 cast truncates instead of rounding (the caller casts).
     """
     n, d = hidden.shape
     v = weight.shape[0]

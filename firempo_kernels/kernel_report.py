@@ -3,10 +3,11 @@
     python -m firempo_kernels.kernel_report [--arch 90 80] [--json]
 
 For each kernel, launch configuration and operand dtype, with and without the reference and with and
-without a logit soft cap (``SOFTCAP``; without it the kernels compile as if the cap did not exist), this prints the shared memory Triton allocates,
-and the registers, stack frame and spill bytes ptxas reports, and whether the tensor-core instructions
-expected for the target (``wgmma`` on sm_90, ``mma.sync`` on sm_80) are in the PTX. Must run without
-TRITON_INTERPRET=1 (the interpreter replaces the JIT functions that ``triton.compile`` needs).
+without a logit soft cap (``SOFTCAP``; without it the kernels compile as if the cap did not exist), this
+prints the shared memory Triton allocates, and the registers, stack frame and spill bytes ptxas reports,
+and whether the tensor-core instructions expected for the target (``wgmma`` on sm_90, ``mma.sync`` on
+sm_80) are in the PTX. Must run without TRITON_INTERPRET=1 (the interpreter replaces the JIT functions that
+``triton.compile`` needs).
 """
 
 import argparse
@@ -145,7 +146,8 @@ def main(argv=None) -> int:
         print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in reports:
             print(f"| {r.kernel} | {r.arch} | {r.dtype} | {r.block_n}x{r.block_v}x{r.block_d} | {r.num_warps} | "
-                  f"{r.num_stages} | {'y' if r.has_ref else 'n'} | {'y' if r.softcap else 'n'} | {r.shared_bytes} | {r.registers} | "
+                  f"{r.num_stages} | {'y' if r.has_ref else 'n'} | {'y' if r.softcap else 'n'} | {r.shared_bytes} | "
+                  f"{r.registers} | "
                   f"{r.stack_bytes} | {r.spill_bytes} | {r.tensor_core_ops} |")
     return 0 if all(r.within_limits for r in reports) else 1
 

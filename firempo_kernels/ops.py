@@ -102,7 +102,9 @@ def _stats_torch(h, w, b, rh, rw, rb, y, inv_tau, expect_from=None, softcap=None
         for j in range(0, vocab, v_chunk):
             cols = slice(j, j + v_chunk)
             s = chunk_logits(h[rows], w[cols], None if b is None else b[cols], inv_tau, softcap)
-            t = chunk_logits(rh[rows], rw[cols], None if rb is None else rb[cols], inv_tau, softcap) if has_ref else None
+            t = None if not has_ref else chunk_logits(
+                rh[rows], rw[cols], None if rb is None else rb[cols], inv_tau, softcap
+            )
             # Each chunk's statistics are relative to the running maximum or above, so E_p[w]'s running
             # sum is rescaled in place and the merge leaves this chunk's share as it is.
             part = chunk_stats(s, t, y[rows] - j, None if expected is None else w[cols].to(acc), expected,
