@@ -79,7 +79,7 @@ def block_hidden_states(
     forward (:mod:`.packing`)."""
     passes = [batch.images] + ([batch.corrupted_images] if corrupted else [])
     packed = pack_rows(adapter, model, batch, _repeat_for_both_responses(batch.images)) \
-        if shared_prefix and can_pack(model) else None
+        if shared_prefix and can_pack(model, adapter) else None
     if packed is not None:
         hidden = [packed_hidden_states(adapter, model, images, packed)[:, :-1] for images in passes]
     else:

@@ -168,6 +168,11 @@ class ModelAdapter:
         The packed mask of :mod:`.packing` adds these blocks."""
         return None
 
+    def can_pack(self, model: nn.Module) -> bool:
+        """Whether every layer sees the tokens only through the attention mask, so that a packed row (one
+        prompt, two responses under a mask) computes what the two rows compute; recurrent layers do not."""
+        return True
+
     #: Whether the backbone takes ``attention_mask`` as ``{"full_attention": m, "sliding_attention": m'}``
     #: (one 4-D mask per layer type): the packed forward of a model with sliding-window layers needs it when
     #: a row is longer than the window.
@@ -355,10 +360,17 @@ class Idefics3Adapter(ImageTextAdapter):
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
+    "Qwen3_5ForConditionalGeneration",
 )
 class QwenVLAdapter(ImageTextAdapter):
-    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: M-RoPE positions need ``mm_token_type_ids`` (0 text, 1 image,
-    2 video), which is derived here from the placeholder token ids of the config."""
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5: M-RoPE positions need ``mm_token_type_ids`` (0 text, 1 image,
+    2 video), which is derived here from the placeholder token ids of the config. Qwen3.5's gated-delta-net
+    layers carry a recurrent state along the row, which a packed row would pass from the chosen response to
+    the rejected one: it runs unpacked (:meth:`can_pack`)."""
+
+    def can_pack(self, model: nn.Module) -> bool:
+        text = unwrap_model(model).config.get_text_config()
+        return "linear_attention" not in (getattr(text, "layer_types", None) or ())
 
     token_type_input = "mm_token_type_ids"
     token_type_dtype = torch.int32

@@ -158,8 +158,13 @@ def sliding_window(model: nn.Module) -> int | None:
     return int(window)
 
 
-def can_pack(model: nn.Module) -> bool:
-    """Whether ``model``'s attention takes the packed mask; if not, said once in the log."""
+def can_pack(model: nn.Module, adapter=None) -> bool:
+    """Whether ``model``'s attention takes the packed mask and (``adapter`` given) its layers see the tokens
+    only through it; if not, said once in the log."""
+    if adapter is not None and not adapter.can_pack(model):
+        _say_once(f"shared_prefix: {type(adapter).__name__} cannot pack {type(adapter.backbone(model)).__name__} "
+                  "(a layer carries state along the row past the mask); running both rows in full")
+        return False
     attn = attention_implementation(model)
     if attn not in PACKED_ATTENTION:
         _say_once(f"shared_prefix: attention implementation {attn!r} cannot take the packed mask (it needs one of "

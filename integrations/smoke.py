@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 TINY_FAMILIES = ("llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2",
-                 "llava_next", "llava_onevision", "idefics3")
+                 "llava_next", "llava_onevision", "idefics3", "qwen3_5")
 """Families :func:`tiny_model` and :func:`tiny_processor` build. ``paligemma2`` is PaliGemma on a Gemma 2
 language model, whose config sets ``final_logit_softcapping`` (a soft-capped model)."""
 
@@ -144,6 +144,18 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
                                window_size=16, fullatt_block_indexes=[num_layers - 1]),
             **ids, tie_word_embeddings=tie_word_embeddings,
         )
+    if family == "qwen3_5":
+        # Gated-delta-net (linear attention) layers between full-attention ones, as the real models have.
+        linear = dict(linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                      linear_num_value_heads=4, layer_types=["linear_attention", "full_attention"] * (num_layers // 2)
+                      + ["full_attention"] * (num_layers % 2))
+        return transformers.Qwen3_5Config(
+            text_config=dict(**text, **linear, head_dim=hidden_size // 4,
+                             rope_parameters={**rope, "mrope_interleaved": True, "partial_rotary_factor": 1.0}),
+            vision_config=dict(**vision, out_hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                               num_position_embeddings=16),
+            **ids, tie_word_embeddings=tie_word_embeddings,
+        )
     if not hasattr(transformers, "Qwen3VLConfig"):
         raise ValueError("tiny_config: this transformers release has no Qwen3-VL")
     return transformers.Qwen3VLConfig(
@@ -187,6 +199,7 @@ def tiny_model(
         "llava_next": transformers.LlavaNextForConditionalGeneration,
         "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
         "idefics3": transformers.Idefics3ForConditionalGeneration,
+        "qwen3_5": getattr(transformers, "Qwen3_5ForConditionalGeneration", None),
     }[family]
     if family == "paligemma2" and attn_implementation == "sdpa":
         attn_implementation = "eager"  # Gemma 2 soft-caps its attention scores, which sdpa cannot
@@ -611,7 +624,7 @@ def tiny_processor(family: str, *, vocab_size: int = 128):
         merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size, image_mean=half, image_std=half,
     )
     cls_name = {"qwen2_vl": "TinyQwen2VLProcessor", "qwen2_5_vl": "TinyQwen2_5_VLProcessor",
-                "qwen3_vl": "TinyQwen3VLProcessor"}[family]
+                "qwen3_vl": "TinyQwen3VLProcessor", "qwen3_5": "TinyQwen3VLProcessor"}[family]
     return __getattr__(cls_name)(image_processor=images, tokenizer=tok, chat_template=tok.chat_template)
 
 

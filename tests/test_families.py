@@ -29,15 +29,17 @@ from test_models import firempo_loss_from_logits
 pytestmark = pytest.mark.usefixtures("one_thread")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-FAMILIES = ["gemma3", "paligemma", "paligemma2", "llava_next", "llava_onevision", "idefics3"]
+FAMILIES = ["gemma3", "paligemma", "paligemma2", "llava_next", "llava_onevision", "idefics3", "qwen3_5"]
 #: families whose processor takes rows without an image (PaliGemma's refuses them)
-TEXT_ONLY = ["gemma3", "llava_next", "llava_onevision", "idefics3"]
-#: families whose saved processor loads back through AutoProcessor here; LlavaOnevision's stock processor
-#: holds a video processor, which needs torchvision (not installed), so its tiny one is an images-only subclass
+TEXT_ONLY = ["gemma3", "llava_next", "llava_onevision", "idefics3", "qwen3_5"]
+#: families whose saved processor loads back through AutoProcessor here; LlavaOnevision's and Qwen3.5's stock
+#: processors hold a video processor, which needs torchvision (not installed), so their tiny ones are
+#: images-only subclasses
 RELOADS = ["gemma3", "paligemma", "paligemma2", "llava_next", "idefics3"]
 #: the adapter each family must get
 ADAPTER = {"gemma3": "Gemma3Adapter", "paligemma": "PaliGemmaAdapter", "paligemma2": "PaliGemmaAdapter",
-           "llava_next": "LlavaAdapter", "llava_onevision": "LlavaAdapter", "idefics3": "Idefics3Adapter"}
+           "llava_next": "LlavaAdapter", "llava_onevision": "LlavaAdapter", "idefics3": "Idefics3Adapter",
+           "qwen3_5": "QwenVLAdapter"}
 IGNORE = -100
 
 
@@ -79,6 +81,8 @@ def model_inputs(family: str, model, batch, images) -> dict[str, torch.Tensor]:
         inputs["token_type_ids"] = (batch.input_ids == model.config.image_token_id).long()
     if family.startswith("paligemma"):
         inputs["token_type_ids"] = (batch.labels != IGNORE).long()  # the answer: every labelled token
+    if family == "qwen3_5":
+        inputs["mm_token_type_ids"] = (batch.input_ids == model.config.image_token_id).int()
     return inputs
 
 
@@ -153,6 +157,27 @@ def test_token_types_matter():
             inputs.pop("token_type_ids")
             without = model(**inputs).logits
         assert (with_types - without)[batch.attention_mask.bool()].abs().max() > 1e-3, family
+
+
+def test_a_model_with_recurrent_layers_runs_unpacked_said_once(monkeypatch, caplog):
+    """Qwen3.5's gated-delta-net layers carry a state along the row: a packed row would hand the chosen
+    response's state to the rejected one, so it runs both rows in full, and says so once."""
+    import logging
+
+    from firempo_kernels.integrations import packing
+    from firempo_kernels.integrations.forward import block_hidden_states
+
+    monkeypatch.setattr(packing, "_SAID", set())
+    model = tiny_model("qwen3_5")
+    batch = batch_for("qwen3_5", 0)
+    adapter = get_adapter(model)
+    with caplog.at_level(logging.WARNING, logger=packing.__name__), torch.no_grad():
+        for _ in range(2):
+            hidden = block_hidden_states(adapter, model, batch, False, shared_prefix=True)
+    said = [r.message for r in caplog.records if "shared_prefix" in r.message]
+    assert len(said) == 1 and "Qwen3_5Model" in said[0]
+    with torch.no_grad():
+        assert torch.equal(hidden, block_hidden_states(adapter, model, batch, False, shared_prefix=False))
 
 
 def test_paligemma_needs_where_the_prompt_ends():
