@@ -271,11 +271,13 @@ def _inpaint(image: np.ndarray, region: np.ndarray, rng: np.random.Generator) ->
     g, reg, rng_ring = gray[win], region[win], ring[win]
     classes = _tissue(gray, region)[win]
     out = planes.copy()
-    filled = np.zeros(g.shape + (planes.shape[-1],))
+    nch = planes.shape[-1]
     scale = max(1.0, radius / 2)
-    parts = []
-    for c in np.unique(classes[reg]):
-        target = reg & (classes == c)
+    present = [int(c) for c in np.unique(classes[reg])]
+    smooth = {}  # (class, channel) -> that class's fill over the window
+    texture = {}
+    want = {}
+    for c in present:
         # Not the pixels at a tissue boundary: they mix the two levels, and a fill read from them is too bright
         # in the darker tissue (a lesion's mark in its own right).
         core = ~dilate(classes != c, 1)
@@ -286,27 +288,38 @@ def _inpaint(image: np.ndarray, region: np.ndarray, rng: np.random.Generator) ->
             source = ~reg & (classes == c)
         if source.sum() < 4:
             source = rng_ring
+        target = reg & (classes == c)
         # One pair of fields for all channels: a grey scan stored as RGB stays grey.
         fields = _texture_fields(rng, g.shape, scale / 2)
         unknown = (~source).astype(np.uint8)
-        for ch in range(planes.shape[-1]):
+        for ch in range(nch):
             plane = np.ascontiguousarray(planes[win + (ch,)])
-            smooth = _fill(plane, unknown, radius)
-            want = _texture(plane.astype(np.float64), source, scale)
-            texture = _matched_texture(want, _texture(smooth, target, scale), fields, target, scale)
-            parts.append((c, ch, target, smooth, texture, want[0]))
-            filled[target, ch] = smooth[target] + texture[target]
+            smooth[c, ch] = _fill(plane, unknown, radius)
+            want[c, ch] = _texture(plane.astype(np.float64), source, scale)
+            texture[c, ch] = _matched_texture(want[c, ch], _texture(smooth[c, ch], target, scale), fields, target, scale)
+    # Each class takes its own fill: a fill read across the boundary would shift both tissues' levels there.
+    base = np.zeros(g.shape + (nch,))
+    for c in present:
+        for ch in range(nch):
+            base[classes == c, ch] = smooth[c, ch][classes == c]
+    filled = base.copy()
+    for c in present:
+        target = reg & (classes == c)
+        for ch in range(nch):
+            filled[target, ch] += texture[c, ch][target]
     # The fine energies of the fill and of the fields do not quite add up where they meet (the 3x3 median
     # sees both): measure the composed patch once and rescale each class's texture to the ring's fine energy.
-    for c, ch, target, smooth, texture, want in parts:
-        composed = np.where(reg, filled[..., ch], planes[win + (ch,)])
+    for c in present:
+        target = reg & (classes == c)
         inner = target & ~dilate(~target, 1)
         inner = inner if inner.sum() >= 4 else target
-        fine_now = float(np.mean(_fine(composed)[inner] ** 2))
-        fine_fill = float(np.mean(_fine(np.where(reg, smooth, composed))[inner] ** 2))
-        if fine_now > fine_fill:
-            gain = np.sqrt(max(want - fine_fill, 0.0) / (fine_now - fine_fill))
-            filled[target, ch] = smooth[target] + min(gain, 4.0) * texture[target]
+        for ch in range(nch):
+            plane = planes[win + (ch,)].astype(np.float64)
+            fine_now = float(np.mean(_fine(np.where(reg, filled[..., ch], plane))[inner] ** 2))
+            fine_fill = float(np.mean(_fine(np.where(reg, base[..., ch], plane))[inner] ** 2))
+            if fine_now > fine_fill:
+                gain = np.sqrt(max(want[c, ch][0] - fine_fill, 0.0) / (fine_now - fine_fill))
+                filled[target, ch] = base[target, ch] + min(gain, 4.0) * texture[c, ch][target]
     out[win][reg] = np.clip(np.rint(filled[reg]), 0, 255).astype(np.uint8)
     return out[..., 0] if image.ndim == 2 else out
 
