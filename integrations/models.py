@@ -209,7 +209,7 @@ class ModelAdapter:
         self,
         model: nn.Module,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | Mapping[str, torch.Tensor],
         images: Mapping[str, torch.Tensor] | None = None,
         *,
         position_ids: torch.Tensor | None = None,
@@ -221,7 +221,8 @@ class ModelAdapter:
             model: the Hugging Face model (optionally peft/DeepSpeed-wrapped).
             input_ids: [R, T] int64, right-padded.
             attention_mask: [R, T] 0/1; or a [R, 1, T, T] mask (boolean, or additive float for eager
-                attention: the packed rows of :mod:`.packing`), with ``position_ids``.
+                attention: the packed rows of :mod:`.packing`), with ``position_ids``; or, for an adapter
+                with :attr:`mask_per_layer_type`, a dict of such masks keyed by layer type.
             images: vision inputs for the image placeholders of these R rows, in row order (e.g.
                 ``pixel_values``, ``image_grid_thw``); empty or None for text only.
             position_ids: the positions (as :meth:`position_ids` gives them), or None: the model's own.
@@ -343,11 +344,13 @@ class ImageTextAdapter(ModelAdapter):
     "LlavaForConditionalGeneration",
     "LlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration",
+    "InternVLForConditionalGeneration",
 )
 class LlavaAdapter(ImageTextAdapter):
     """Llava and its kin: ``model.model`` merges the projected image features into the placeholder tokens,
     and every input is the processor's as it is. LlavaNext and LlavaOnevision take their anyres tiles as
-    ``pixel_values`` [images, tiles, C, H, W] with ``image_sizes`` (and OneVision's ``batch_num_images``)."""
+    ``pixel_values`` [images, tiles, C, H, W] with ``image_sizes`` (and OneVision's ``batch_num_images``);
+    InternVL its tiles as ``pixel_values`` [tiles of all images, C, H, W]."""
 
 
 @register_adapter("Idefics3ForConditionalGeneration")
@@ -430,9 +433,24 @@ class PaliGemmaAdapter(ImageTextAdapter):
         prefix = (columns[None, :] < prompt_lengths.to(input_ids.device)[:, None]) & attention_mask.bool()
         return torch.where(prefix, 0, -1)
 
-    def hidden_states(self, model, input_ids, attention_mask, images=None, *, position_ids=None,
-                      prompt_lengths=None):
-        if attention_mask.dim() == 2:  # a packed 4-D mask already holds the prefix block
+    def hidden_states(
+        self,
+        model: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | Mapping[str, torch.Tensor],
+        images: Mapping[str, torch.Tensor] | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As :meth:`ModelAdapter.hidden_states`; ``prompt_lengths`` [R] int64 is required with a [R, T]
+        ``attention_mask`` (a packed 4-D mask holds the prefix block already).
+
+        Raises:
+            ValueError: ``prompt_lengths`` is None with a [R, T] mask.
+            TypeError: ``prompt_lengths`` is not a 1-D integer tensor.
+        """
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             _require_prompt_lengths(model, prompt_lengths)
         return super().hidden_states(model, input_ids, attention_mask, images, position_ids=position_ids,
                                      prompt_lengths=prompt_lengths)

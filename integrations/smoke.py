@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 TINY_FAMILIES = ("llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2",
-                 "llava_next", "llava_onevision", "idefics3", "qwen3_5")
+                 "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl")
 """Families :func:`tiny_model` and :func:`tiny_processor` build. ``paligemma2`` is PaliGemma on a Gemma 2
 language model, whose config sets ``final_logit_softcapping`` (a soft-capped model)."""
 
@@ -106,6 +106,14 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
             vision_config=vision, text_config=dict(model_type="llama", **text),
             image_token_index=special["image_token_id"], vision_feature_layer=-1,
             image_grid_pinpoints=_TINY_PINPOINTS, tie_word_embeddings=tie_word_embeddings, **extra,
+        )
+    if family == "internvl":
+        # 16 x 16 tiles of 4-pixel patches, pixel-shuffled by 0.5: 4 tokens per tile
+        vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                      num_attention_heads=4, image_size=[16, 16], patch_size=[4, 4])
+        return transformers.InternVLConfig(
+            vision_config=vision, text_config=dict(model_type="qwen2", **text), image_token_id=special["image_token_id"],
+            image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=tie_word_embeddings,
         )
     if family == "idefics3":
         # 4-pixel patches, pixel-shuffled 2 x 2: 4 tokens per (sub-)image of 16 x 16
@@ -200,6 +208,7 @@ def tiny_model(
         "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
         "idefics3": transformers.Idefics3ForConditionalGeneration,
         "qwen3_5": getattr(transformers, "Qwen3_5ForConditionalGeneration", None),
+        "internvl": transformers.InternVLForConditionalGeneration,
     }[family]
     if family == "paligemma2" and attn_implementation == "sdpa":
         attn_implementation = "eager"  # Gemma 2 soft-caps its attention scores, which sdpa cannot
@@ -367,6 +376,10 @@ _PLACEHOLDERS = {
     "paligemma2": (_PALIGEMMA_TOKENS, "<image>"),
     "llava_next": (_LLAVA_TOKENS, "<image>"),
     "llava_onevision": ({**_LLAVA_TOKENS, "video_token": ("<video>", "video_token_id")}, "<image>"),
+    "internvl": ({"context_image_token": ("<IMG_CONTEXT>", "image_token_id"),
+                  "start_image_token": ("<img>", "vision_start_token_id"),
+                  "end_image_token": ("</img>", "vision_end_token_id"),
+                  "video_token": ("<video>", "video_token_id")}, "<IMG_CONTEXT>"),
     "idefics3": ({"image_token": ("<image>", "image_token_id"),
                   "fake_image_token": ("<fake_token_around_image>", "vision_start_token_id"),
                   "global_image_token": ("<global-img>", "vision_end_token_id"),
@@ -438,7 +451,7 @@ def _tiny_tokenizer(family: str, vocab_size: int):
 
 
 _TINY_CLASS_NAMES = ("TinyQwenVLImageProcessor", "TinyQwen2VLProcessor", "TinyQwen2_5_VLProcessor",
-                     "TinyQwen3VLProcessor", "TinyLlavaOnevisionProcessor")
+                     "TinyQwen3VLProcessor", "TinyLlavaOnevisionProcessor", "TinyInternVLProcessor")
 
 
 def _build_tiny_classes() -> None:
@@ -489,6 +502,7 @@ def _build_tiny_classes() -> None:
         "TinyQwen2VLProcessor": images_only(transformers.Qwen2VLProcessor),
         "TinyQwen2_5_VLProcessor": images_only(transformers.Qwen2_5_VLProcessor),
         "TinyLlavaOnevisionProcessor": images_only(transformers.LlavaOnevisionProcessor),
+        "TinyInternVLProcessor": images_only(transformers.InternVLProcessor),
     }
     if hasattr(transformers, "Qwen3VLProcessor"):
         classes["TinyQwen3VLProcessor"] = images_only(transformers.Qwen3VLProcessor)
@@ -604,6 +618,15 @@ def tiny_processor(family: str, *, vocab_size: int = 128):
             image_processor=images, tokenizer=tok,
             num_image_tokens=(v.image_size // v.patch_size) ** 2,
             vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=tok.chat_template)
+    if family == "internvl":
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        # Tiles: a 16 x 32 image becomes two 16 x 16 tiles and a thumbnail.
+        images = GotOcr2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=True, max_patches=4,
+                                          image_mean=half, image_std=half)
+        return __getattr__("TinyInternVLProcessor")(image_processor=images, tokenizer=tok,
+                                                     image_seq_length=config.image_seq_length,
+                                                     chat_template=tok.chat_template)
     if family == "idefics3":
         from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 

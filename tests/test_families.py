@@ -29,17 +29,17 @@ from test_models import firempo_loss_from_logits
 pytestmark = pytest.mark.usefixtures("one_thread")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-FAMILIES = ["gemma3", "paligemma", "paligemma2", "llava_next", "llava_onevision", "idefics3", "qwen3_5"]
+FAMILIES = ["gemma3", "paligemma", "paligemma2", "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl"]
 #: families whose processor takes rows without an image (PaliGemma's refuses them)
-TEXT_ONLY = ["gemma3", "llava_next", "llava_onevision", "idefics3", "qwen3_5"]
-#: families whose saved processor loads back through AutoProcessor here; LlavaOnevision's and Qwen3.5's stock
-#: processors hold a video processor, which needs torchvision (not installed), so their tiny ones are
+TEXT_ONLY = ["gemma3", "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl"]
+#: families whose saved processor loads back through AutoProcessor here; LlavaOnevision's, Qwen3.5's and
+#: InternVL's stock processors hold a video processor, which needs torchvision (not installed), so their tiny ones are
 #: images-only subclasses
 RELOADS = ["gemma3", "paligemma", "paligemma2", "llava_next", "idefics3"]
 #: the adapter each family must get
 ADAPTER = {"gemma3": "Gemma3Adapter", "paligemma": "PaliGemmaAdapter", "paligemma2": "PaliGemmaAdapter",
            "llava_next": "LlavaAdapter", "llava_onevision": "LlavaAdapter", "idefics3": "Idefics3Adapter",
-           "qwen3_5": "QwenVLAdapter"}
+           "qwen3_5": "QwenVLAdapter", "internvl": "LlavaAdapter"}
 IGNORE = -100
 
 
@@ -70,7 +70,8 @@ def rows_for(family: str, seed: int, *, images: bool = True) -> list[dict]:
 
 
 def batch_for(family: str, seed: int, *, images: bool = True):
-    return FiReMPOCollator(tiny_processor(family), corrupted_pass=images)(rows_for(family, seed, images=images))["batch"]
+    collator = FiReMPOCollator(tiny_processor(family), corrupted_pass=images)
+    return collator(rows_for(family, seed, images=images))["batch"]
 
 
 def model_inputs(family: str, model, batch, images) -> dict[str, torch.Tensor]:
