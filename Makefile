@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS := dev,hf,deepspeed,peft,bench
 
-.PHONY: demo test bench bench-step bench-step-dpo bench-busy clean
+.PHONY: demo ablation test bench bench-step bench-step-dpo bench-busy clean
 
 $(STAMP): setup.py requirements/pins.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -29,6 +29,9 @@ bench-busy: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m firempo_kernels.integrations.demo
+
+ablation: $(STAMP)
+	$(PY) -m firempo_kernels.integrations.ablation
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 from firempo_kernels.integrations import demo
+from firempo_kernels.integrations.base_model import blind_answer
 from firempo_kernels.integrations.data.records import QARecord
 from firempo_kernels.integrations.evaluate import EvalReport
 
@@ -14,10 +15,10 @@ from firempo_kernels.integrations.evaluate import EvalReport
 def test_blind_answer_keeps_the_format_and_draws_the_key():
     rec = QARecord(id="a", image="x", question="q", ground_truth="The lesion is in the left lung",
                    candidates=("left", "right"))
-    seen = {demo.blind_answer(rec, random.Random(i)) for i in range(20)}
+    seen = {blind_answer(rec, random.Random(i)) for i in range(20)}
     assert seen == {"The lesion is in the left lung", "The lesion is in the right lung"}
     open_rec = QARecord(id="b", image="x", question="q", ground_truth="upper", wrong_answers=("lower",))
-    assert {demo.blind_answer(open_rec, random.Random(i)) for i in range(20)} == {"upper", "lower"}
+    assert {blind_answer(open_rec, random.Random(i)) for i in range(20)} == {"upper", "lower"}
 
 
 def _report(acc, by_question, sens, se, drops=0.5, n=100):
@@ -42,12 +43,22 @@ def test_curves_and_report(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rep = _report(0.5, {"side?": (25, 50)}, 0.0, 0.01)
     facts = dict(total_s=100.0, train_s=50.0, steps=40, train_records=10, heldout_records=5, parameters=1234,
-                 warmup_first=3.0, warmup_last=0.5, pairs_summary="10 pairs")
+                 warmup_first=3.0, warmup_last=0.5, pairs_summary="10 pairs",
+                 evidence={"paper": "| kind | paper table |", "inpaint": "| kind | inpaint table |"})
     text = demo.write_report(tmp_path, demo.QUICK, facts, rows, rep, rep, png).read_text()
     assert "![training curves](curves.png)" in text
     assert "| loss | 0.6975 | 0.6615 |" in text  # means of steps 1-4 and 37-40
     assert "| closed-question accuracy (100 records) | 50.0% | 50.0% |" in text
     assert "## What moved and what did not" in text
+    assert "**v' = paper**\n\n| kind | paper table |" in text and "**v' = inpaint**" in text
+    assert "| kind / measure | base | trained |" in text  # the per-kind table of both models
+
+
+def test_margins_paragraph_states_numbers_without_a_verdict():
+    text = demo.margins_paragraph(0.01, 0.48, -0.01, -0.47)
+    assert "+0.010 -> +0.480" in text and "-0.010 -> -0.470" in text
+    assert "lost" not in text and "did not come from" not in text
+    assert "never ran" in demo.margins_paragraph(0.0, 0.1, float("nan"), float("nan"))
 
 
 def test_whole_path_on_tiny_sizes(tmp_path, monkeypatch, capsys):
