@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-__all__ = ["blind_answer", "true_answer", "teach", "finetune_to_accuracy", "FinetuneResult"]
+__all__ = ["blind_answer", "true_answer", "teach", "finetune_to_accuracy", "FinetuneResult", "closed_accuracy"]
 
 
 def blind_answer(record, rng: random.Random) -> str:
@@ -122,15 +122,20 @@ def teach(
 
 @dataclass
 class FinetuneResult:
-    """What :func:`finetune_to_accuracy` did: the steps taken and the validation accuracy at each check."""
+    """What :func:`finetune_to_accuracy` did: the steps taken and the validation measure at each check."""
 
     steps: int
-    checks: list[tuple[int, float]]  #: (steps so far, validation closed accuracy)
+    checks: list[tuple[int, float]]  #: (steps so far, the validation measure)
     reached: bool  #: whether the target was reached within ``max_steps``
 
     @property
     def accuracy(self) -> float:
         return self.checks[-1][1]
+
+
+def closed_accuracy(report) -> float:
+    """Closed-question accuracy of an :class:`~.evaluate.EvalReport`."""
+    return report.accuracy
 
 
 def finetune_to_accuracy(
@@ -145,11 +150,18 @@ def finetune_to_accuracy(
     batch_size: int,
     lr: float,
     seed: int,
+    measure: Callable[[Any], float] = closed_accuracy,
+    on_check: Callable[[int, Any], None] | None = None,
 ) -> FinetuneResult:
-    """Supervised steps on the true answers of ``train`` until closed-question accuracy on ``validation``
-    reaches ``target`` (checked every ``check_every`` steps and before the first), or ``max_steps``.
+    """Supervised steps on the true answers of ``train`` until ``measure`` of the evaluation on
+    ``validation`` reaches ``target`` (checked before the first step and every ``check_every`` steps), or
+    ``max_steps``.
 
     The stopping point is chosen on the validation split only: the held-out split stays unseen.
+
+    Args:
+        measure: ``measure(EvalReport) -> float`` in [0, 1]; default the closed-question accuracy.
+        on_check: called with ``(steps so far, EvalReport)`` after every check (progress lines).
     """
     import torch
 
@@ -160,12 +172,17 @@ def finetune_to_accuracy(
     _check_positive("finetune_to_accuracy", max_steps=max_steps, check_every=check_every)
     scorer = ModelScorer(model, processor)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    checks = [(0, evaluate(validation, scorer).accuracy)]
+    checks: list[tuple[int, float]] = []
     done = 0
-    while checks[-1][1] < target and done < max_steps:
+    while True:
+        report = evaluate(validation, scorer)
+        checks.append((done, measure(report)))
+        if on_check is not None:
+            on_check(done, report)
+        if checks[-1][1] >= target or done >= max_steps:
+            break
         n = min(check_every, max_steps - done)
         teach(model, processor, train, answer=true_answer, steps=n, batch_size=batch_size, lr=lr,
               seed=seed + done, optimizer=opt, show_progress=False)
         done += n
-        checks.append((done, evaluate(validation, scorer).accuracy))
     return FinetuneResult(steps=done, checks=checks, reached=checks[-1][1] >= target)
