@@ -70,6 +70,7 @@ FAMILIES: dict[str, tuple[str, dict[str, list[str]]]] = {
     "idefics3": ("Idefics3ForConditionalGeneration", _new("idefics3")),
     "qwen3_5": ("Qwen3_5ForConditionalGeneration", _new("qwen3_5")),
     "internvl": ("InternVLForConditionalGeneration", _new("internvl")),
+    "gemma4": ("Gemma4ForConditionalGeneration", _new("gemma4")),
 }
 FAMILIES["qwen2_5_vl"][1]["precomputed reference"] = ["test_trl_trainer.py::test_precomputed_reference_equals_live"]
 FAMILIES["qwen2_vl"][1]["ZeRO-3"] = [  # smoke.yaml's family
@@ -86,7 +87,8 @@ NOTES = [
     "loss of those logits.",
     "trains: FiReMPOTrainer, 2 steps with clean and corrupted images, every metric logged (new families: from a "
     "folder saved with save_pretrained and loaded with AutoModelForImageTextToText / AutoProcessor, except "
-    "llava_onevision, qwen3_5 and internvl, whose stock processors need torchvision for their video part).",
+    "llava_onevision, qwen3_5, internvl and gemma4, whose stock processors need torchvision for their video "
+    "part).",
     "packed: packed equals unpacked hidden states (1e-5) and loss and gradients; qwen3_5 runs unpacked "
     "(gated-delta-net layers carry state along the row), said once in the log.",
     "ZeRO-3: 2 CPU ranks equal one process (loss per step and weights, 1e-5); run for one Qwen-VL family and "

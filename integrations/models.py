@@ -35,6 +35,7 @@ __all__ = [
     "QwenVLAdapter",
     "ImageTextAdapter",
     "Gemma3Adapter",
+    "Gemma4Adapter",
     "Idefics3Adapter",
     "PaliGemmaAdapter",
     "register_adapter",
@@ -172,6 +173,9 @@ class ModelAdapter:
         """Whether every layer sees the tokens only through the attention mask, so that a packed row (one
         prompt, two responses under a mask) computes what the two rows compute; recurrent layers do not."""
         return True
+
+    #: The layer types whose attention adds :meth:`attention_blocks` (None: every layer's).
+    bidirectional_layer_types: tuple[str, ...] | None = None
 
     #: Whether the backbone takes ``attention_mask`` as ``{"full_attention": m, "sliding_attention": m'}``
     #: (one 4-D mask per layer type): the packed forward of a model with sliding-window layers needs it when
@@ -405,6 +409,35 @@ class Gemma3Adapter(ImageTextAdapter):
     modality_ids = (("image_token_id", 1),)
     bidirectional_images = True
     mask_per_layer_type = True
+
+
+@register_adapter("Gemma4ForConditionalGeneration")
+class Gemma4Adapter(Gemma3Adapter):
+    """Gemma 4: as Gemma 3, with ``mm_token_type_ids`` (1 image, 2 video, 3 audio); the tokens of one image
+    (or video) attend each other both ways in the sliding-window layers (the global ones stay causal) where the
+    text config says ``use_bidirectional_attention="vision"``. Per-layer token inputs are derived by the model
+    from the ids."""
+
+    token_type_input = "mm_token_type_ids"
+    modality_ids = (("image_token_id", 1), ("video_token_id", 2), ("audio_token_id", 3))
+    bidirectional_layer_types = ("sliding_attention",)  # its global layers stay causal
+
+    def attention_blocks(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        prompt_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        text = unwrap_model(model).config.get_text_config()
+        if getattr(text, "use_bidirectional_attention", None) != "vision":
+            return None
+        types = self.token_types(model, input_ids)
+        vision = ((types == 1) | (types == 2)) & attention_mask.bool()
+        starts = vision & ~torch.nn.functional.pad(vision, (1, 0))[:, :-1]
+        return torch.where(vision, starts.long().cumsum(1) - 1, -1)
+
+    def can_pack(self, model: nn.Module) -> bool:
+        # Attending the whole row in both directions ("all") is no prefix-sharing mask.
+        text = unwrap_model(model).config.get_text_config()
+        return getattr(text, "use_bidirectional_attention", None) != "all"
 
 
 @register_adapter("PaliGemmaForConditionalGeneration")

@@ -206,17 +206,23 @@ def pack_rows(adapter, model: nn.Module, batch: PreferenceBatch,
         dtype = None  # boolean, as transformers builds for sdpa: right whatever dtype autocast picks
     else:
         dtype = next(p.dtype for p in adapter.backbone(model).parameters() if p.is_floating_point())
-    mask = packed_mask(layout, dtype, blocks=blocks)
     window = sliding_window(model)
-    if window is not None and int(batch.attention_mask.sum(1).max()) > window:
-        if not adapter.mask_per_layer_type:
-            _say_once(f"shared_prefix: {type(adapter).__name__} takes one attention mask for all layers and a row "
-                      f"is longer than the sliding window ({window}); running such batches unpacked")
-            return None
-        mask = {"full_attention": mask,
-                "sliding_attention": packed_mask(layout, dtype, blocks=blocks, positions=positions, window=window)}
-    elif window is not None and adapter.mask_per_layer_type:
-        mask = {"full_attention": mask, "sliding_attention": mask}  # the window binds nowhere in these rows
+    binding = window is not None and int(batch.attention_mask.sum(1).max()) > window
+    if binding and not adapter.mask_per_layer_type:
+        _say_once(f"shared_prefix: {type(adapter).__name__} takes one attention mask for all layers and a row is "
+                  f"longer than the sliding window ({window}); running such batches unpacked")
+        return None
+    both_ways = adapter.bidirectional_layer_types
+
+    def layer_mask(kind: str | None) -> torch.Tensor:
+        own_blocks = blocks if both_ways is None or kind in both_ways else None
+        own_window = window if binding and kind == "sliding_attention" else None
+        return packed_mask(layout, dtype, blocks=own_blocks, positions=positions, window=own_window)
+
+    if window is not None and adapter.mask_per_layer_type:
+        mask = {kind: layer_mask(kind) for kind in ("full_attention", "sliding_attention")}
+    else:
+        mask = layer_mask(None)
     return PackedRows(layout, positions, mask)
 
 

@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 TINY_FAMILIES = ("llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2",
-                 "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl")
+                 "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl", "gemma4")
 """Families :func:`tiny_model` and :func:`tiny_processor` build. ``paligemma2`` is PaliGemma on a Gemma 2
 language model, whose config sets ``final_logit_softcapping`` (a soft-capped model)."""
 
@@ -84,7 +84,9 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
     if family in ("paligemma", "paligemma2"):
         gemma = dict(text, head_dim=hidden_size // 4)
         if family == "paligemma2":
-            gemma.update(model_type="gemma2", final_logit_softcapping=3.0, sliding_window=6,
+            # PaliGemma takes one mask for all layers, so a packed row needs rows within the window (4096 in
+            # the released models): 512 here, longer than any tiny row.
+            gemma.update(model_type="gemma2", final_logit_softcapping=3.0, sliding_window=512,
                          layer_types=["sliding_attention", "full_attention"] * (num_layers // 2)
                          + ["sliding_attention"] * (num_layers % 2))
         else:
@@ -106,6 +108,22 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
             vision_config=vision, text_config=dict(model_type="llama", **text),
             image_token_index=special["image_token_id"], vision_feature_layer=-1,
             image_grid_pinpoints=_TINY_PINPOINTS, tie_word_embeddings=tie_word_embeddings, **extra,
+        )
+    if family == "gemma4":
+        # 4-pixel patches pooled 2 x 2, at most 70 image tokens (the smallest budget the processor takes);
+        # per-layer token inputs of 8; bidirectional attention over each image, as the released models.
+        gemma = dict(text, head_dim=hidden_size // 4, global_head_dim=hidden_size // 4, sliding_window=6,
+                     layer_types=["sliding_attention"] * (num_layers - 1) + ["full_attention"],
+                     vocab_size_per_layer_input=vocab_size, hidden_size_per_layer_input=8,
+                     use_bidirectional_attention="vision")
+        vision = dict(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
+                      num_attention_heads=4, num_key_value_heads=4, head_dim=hidden_size // 4, patch_size=4,
+                      pooling_kernel_size=2, position_embedding_size=64)
+        return transformers.Gemma4Config(
+            text_config=gemma, vision_config=vision, audio_config=None, image_token_id=special["image_token_id"],
+            video_token_id=special["video_token_id"], boi_token_id=special["vision_start_token_id"],
+            eoi_token_id=special["vision_end_token_id"], audio_token_id=None, boa_token_id=None,
+            eoa_token_index=None, tie_word_embeddings=tie_word_embeddings,
         )
     if family == "internvl":
         # 16 x 16 tiles of 4-pixel patches, pixel-shuffled by 0.5: 4 tokens per tile
@@ -209,6 +227,7 @@ def tiny_model(
         "idefics3": transformers.Idefics3ForConditionalGeneration,
         "qwen3_5": getattr(transformers, "Qwen3_5ForConditionalGeneration", None),
         "internvl": transformers.InternVLForConditionalGeneration,
+        "gemma4": getattr(transformers, "Gemma4ForConditionalGeneration", None),
     }[family]
     if family == "paligemma2" and attn_implementation == "sdpa":
         attn_implementation = "eager"  # Gemma 2 soft-caps its attention scores, which sdpa cannot
@@ -376,6 +395,8 @@ _PLACEHOLDERS = {
     "paligemma2": (_PALIGEMMA_TOKENS, "<image>"),
     "llava_next": (_LLAVA_TOKENS, "<image>"),
     "llava_onevision": ({**_LLAVA_TOKENS, "video_token": ("<video>", "video_token_id")}, "<image>"),
+    "gemma4": ({"image_token": ("<|image|>", "image_token_id"), "boi_token": ("<|image>", "vision_start_token_id"),
+                "eoi_token": ("<image|>", "vision_end_token_id")}, "<|image|>"),
     "internvl": ({"context_image_token": ("<IMG_CONTEXT>", "image_token_id"),
                   "start_image_token": ("<img>", "vision_start_token_id"),
                   "end_image_token": ("</img>", "vision_end_token_id"),
@@ -451,7 +472,8 @@ def _tiny_tokenizer(family: str, vocab_size: int):
 
 
 _TINY_CLASS_NAMES = ("TinyQwenVLImageProcessor", "TinyQwen2VLProcessor", "TinyQwen2_5_VLProcessor",
-                     "TinyQwen3VLProcessor", "TinyLlavaOnevisionProcessor", "TinyInternVLProcessor")
+                     "TinyQwen3VLProcessor", "TinyLlavaOnevisionProcessor", "TinyInternVLProcessor",
+                     "TinyGemma4Processor")
 
 
 def _build_tiny_classes() -> None:
@@ -497,8 +519,29 @@ def _build_tiny_classes() -> None:
 
         return Processor
 
+    from transformers.processing_utils import ProcessorMixin
+
+    class TinyGemma4Processor(transformers.Gemma4Processor):
+        """``Gemma4Processor`` for images only: without its audio feature extractor and its video processor
+        (which needs torchvision). Its ``__init__`` sets what the stock one sets for images and hands
+        ``ProcessorMixin`` the two parts it has (the stock one hands over all four by keyword)."""
+
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 70,
+                     **kwargs):
+            self.image_seq_length = image_seq_length
+            self.image_token_id = tokenizer.image_token_id
+            self.boi_token, self.eoi_token = tokenizer.boi_token, tokenizer.eoi_token
+            self.image_token = tokenizer.image_token
+            self.video_token = self.video_token_id = self.audio_token_id = None
+            self.audio_seq_length, self.audio_ms_per_token = 750, 40
+            # the stock input check wants the audio markers named even without audio
+            self.audio_token, self.boa_token, self.eoa_token = "<|audio|>", "<|audio>", "<audio|>"
+            ProcessorMixin.__init__(self, image_processor=image_processor, tokenizer=tokenizer,
+                                    chat_template=chat_template, **kwargs)
+
     classes = {
         "TinyQwenVLImageProcessor": TinyQwenVLImageProcessor,
+        "TinyGemma4Processor": TinyGemma4Processor,
         "TinyQwen2VLProcessor": images_only(transformers.Qwen2VLProcessor),
         "TinyQwen2_5_VLProcessor": images_only(transformers.Qwen2_5_VLProcessor),
         "TinyLlavaOnevisionProcessor": images_only(transformers.LlavaOnevisionProcessor),
@@ -618,6 +661,13 @@ def tiny_processor(family: str, *, vocab_size: int = 128):
             image_processor=images, tokenizer=tok,
             num_image_tokens=(v.image_size // v.patch_size) ** 2,
             vision_feature_select_strategy=config.vision_feature_select_strategy, chat_template=tok.chat_template)
+    if family == "gemma4":
+        from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+        images = Gemma4ImageProcessorPil(patch_size=v.patch_size, pooling_kernel_size=v.pooling_kernel_size,
+                                         max_soft_tokens=70)
+        return __getattr__("TinyGemma4Processor")(image_processor=images, tokenizer=tok, image_seq_length=70,
+                                                   chat_template=tok.chat_template)
     if family == "internvl":
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 

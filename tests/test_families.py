@@ -29,9 +29,10 @@ from test_models import firempo_loss_from_logits
 pytestmark = pytest.mark.usefixtures("one_thread")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-FAMILIES = ["gemma3", "paligemma", "paligemma2", "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl"]
+FAMILIES = ["gemma3", "paligemma", "paligemma2", "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl",
+            "gemma4"]
 #: families whose processor takes rows without an image (PaliGemma's refuses them)
-TEXT_ONLY = ["gemma3", "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl"]
+TEXT_ONLY = ["gemma3", "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl", "gemma4"]
 #: families whose saved processor loads back through AutoProcessor here; LlavaOnevision's, Qwen3.5's and
 #: InternVL's stock processors hold a video processor, which needs torchvision (not installed), so their tiny ones are
 #: images-only subclasses
@@ -39,7 +40,7 @@ RELOADS = ["gemma3", "paligemma", "paligemma2", "llava_next", "idefics3"]
 #: the adapter each family must get
 ADAPTER = {"gemma3": "Gemma3Adapter", "paligemma": "PaliGemmaAdapter", "paligemma2": "PaliGemmaAdapter",
            "llava_next": "LlavaAdapter", "llava_onevision": "LlavaAdapter", "idefics3": "Idefics3Adapter",
-           "qwen3_5": "QwenVLAdapter", "internvl": "LlavaAdapter"}
+           "qwen3_5": "QwenVLAdapter", "internvl": "LlavaAdapter", "gemma4": "Gemma4Adapter"}
 IGNORE = -100
 
 
@@ -82,22 +83,26 @@ def model_inputs(family: str, model, batch, images) -> dict[str, torch.Tensor]:
         inputs["token_type_ids"] = (batch.input_ids == model.config.image_token_id).long()
     if family.startswith("paligemma"):
         inputs["token_type_ids"] = (batch.labels != IGNORE).long()  # the answer: every labelled token
-    if family == "qwen3_5":
+    if family in ("qwen3_5", "gemma4"):
         inputs["mm_token_type_ids"] = (batch.input_ids == model.config.image_token_id).int()
     return inputs
 
 
-@pytest.mark.parametrize("family", ["gemma3", "paligemma", "paligemma2"])  # the families with token types
+@pytest.mark.parametrize("family", ["gemma3", "gemma4", "qwen3_5", "paligemma", "paligemma2"])  # with token types
 def test_the_processor_marks_tokens_as_the_rule_says(family):
     """The rules of :func:`model_inputs` are the processors' own: Gemma 3's processor sets token_type_ids = 1
-    on exactly the image placeholders, PaliGemma's on exactly the suffix (the answer)."""
+    (Gemma 4's and Qwen3.5's mm_token_type_ids = 1) on exactly the image placeholders, PaliGemma's
+    token_type_ids on exactly the suffix (the answer)."""
     processor = tiny_processor(family)
     row = synthetic_rows(family, 1, seed=draw_seed())[0]
-    if family == "gemma3":
+    if not family.startswith("paligemma"):
         text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
             "type": "text", "text": row["prompt"]}]}], tokenize=False, add_generation_prompt=True)
         out = processor(text=[text], images=[row["images"]], return_tensors="pt")
-        expected = (out["input_ids"] == processor.tokenizer.image_token_id).long()
+        key = "token_type_ids" if family == "gemma3" else "mm_token_type_ids"
+        expected = (out["input_ids"] == tiny_model(family).config.image_token_id).long()
+        assert expected.sum() > 0 and torch.equal(out[key].long(), expected)
+        return
     else:
         prompt = processor(text=[row["prompt"]], images=[row["images"]], return_tensors="pt")["input_ids"]
         out = processor(text=[row["prompt"]], images=[row["images"]], suffix=["a lesion"], return_tensors="pt")
@@ -147,15 +152,15 @@ def test_text_only_rows_are_exact_too(family):
 
 
 def test_token_types_matter():
-    """Without Gemma 3's token_type_ids (image tokens attend each other both ways) or PaliGemma's (its prompt
-    does), the logits change: the exactness above is not vacuous."""
-    for family in ("gemma3", "paligemma"):
+    """Without Gemma 3's token_type_ids or Gemma 4's mm_token_type_ids (image tokens attend each other both
+    ways) or PaliGemma's token_type_ids (its prompt does), the logits change: the exactness is not vacuous."""
+    for family in ("gemma3", "gemma4", "paligemma"):
         seed = draw_seed()
         model, batch = tiny_model(family, seed=seed), batch_for(family, seed)
         inputs = model_inputs(family, model, batch, batch.images)
         with torch.no_grad():
             with_types = model(**inputs).logits
-            inputs.pop("token_type_ids")
+            inputs.pop("mm_token_type_ids" if family == "gemma4" else "token_type_ids")
             without = model(**inputs).logits
         assert (with_types - without)[batch.attention_mask.bool()].abs().max() > 1e-3, family
 
@@ -179,6 +184,27 @@ def test_a_model_with_recurrent_layers_runs_unpacked_said_once(monkeypatch, capl
     assert len(said) == 1 and "Qwen3_5Model" in said[0]
     with torch.no_grad():
         assert torch.equal(hidden, block_hidden_states(adapter, model, batch, False, shared_prefix=False))
+
+
+def test_rows_longer_than_the_window_of_a_one_mask_model_run_unpacked(monkeypatch, caplog):
+    """PaliGemma 2 takes one mask for its global and sliding-window layers: a batch with a row longer than the
+    window runs unpacked, said once, and gives the unpacked hidden states."""
+    import logging
+
+    from firempo_kernels.integrations import packing
+    from firempo_kernels.integrations.forward import block_hidden_states
+
+    monkeypatch.setattr(packing, "_SAID", set())
+    model = tiny_model("paligemma2")
+    model.config.text_config.sliding_window = 6  # shorter than the rows
+    batch = batch_for("paligemma2", 0)
+    adapter = get_adapter(model)
+    with caplog.at_level(logging.WARNING, logger=packing.__name__), torch.no_grad():
+        hidden = block_hidden_states(adapter, model, batch, False, shared_prefix=True)
+        expected = block_hidden_states(adapter, model, batch, False, shared_prefix=False)
+    said = [r.message for r in caplog.records if "shared_prefix" in r.message]
+    assert len(said) == 1 and "sliding window (6)" in said[0]
+    assert torch.equal(hidden, expected)
 
 
 def test_paligemma_needs_where_the_prompt_ends():
