@@ -77,7 +77,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], width: float
     return noise / noise.std()
 
 
-def _draw_scan(index: int, rng: np.random.Generator, image_size: int, lesion_rate: float):
+def _draw_scan(index: int, rng: np.random.Generator, image_size: int, lesion_rate: float,
+               contrast_range: tuple[float, float] = CONTRAST_RANGE):
     s = float(image_size)
     yy, xx = np.mgrid[0:image_size, 0:image_size] + 0.5
     img = np.full((image_size, image_size), 18.0)
@@ -104,22 +105,23 @@ def _draw_scan(index: int, rng: np.random.Generator, image_size: int, lesion_rat
         size = SIZES[int(rng.integers(2))]
         lung_x = LUNG_CENTERS_X[1] if side == "left" else LUNG_CENTERS_X[0]
         radius = rng.uniform(*RADIUS_RANGE[size]) * s
-        # Inside its lung: the centre is drawn in the lung's half for the level, and redrawn until the disc
-        # lies in the lung field (the lung ellipse shrunk by the radius).
+        lung = lungs[1] if side == "left" else lungs[0]
+        # Inside its lung: the centre is drawn in the lung's half for the level, and redrawn until every pixel
+        # of the disc lies in the lung field.
         for _ in range(1000):
             cx = (lung_x + rng.uniform(-0.6, 0.6) * ax) * s
             cy = (LUNG_CENTER_Y + (-1 if level == "upper" else 1) * rng.uniform(0.2, 0.75) * ay) * s
-            inner = ((cx - lung_x * s) / (ax * s - radius)) ** 2 + ((cy - LUNG_CENTER_Y * s) / (ay * s - radius)) ** 2
-            if inner <= 1:
+            r2 = (xx - cx) ** 2 + (yy - cy) ** 2
+            mask = r2 <= radius**2
+            if mask.any() and not (mask & ~lung).any():
                 break
         else:  # unreachable at the shipped radii; a guard against edits that make the lesion too large
             raise AssertionError(f"no place for a {size} lesion in the {side} lung at image_size {image_size}")
-        contrast = rng.uniform(*CONTRAST_RANGE)
-        r2 = (xx - cx) ** 2 + (yy - cy) ** 2
-        # A soft-edged nodule: flat top, Gaussian shoulder; the mask is where it is at least half its height.
+        contrast = rng.uniform(*contrast_range)
+        # A soft-edged nodule: flat top, Gaussian shoulder; the mask is its disc, at whose edge it still stands at
+        # a third of its height.
         profile = np.exp(-0.5 * (np.maximum(np.sqrt(r2) - 0.5 * radius, 0.0) / (0.35 * radius)) ** 2)
         img += contrast * profile
-        mask = r2 <= radius**2
         scan = Scan(index, side, level, size, (float(cx), float(cy)), float(radius), float(contrast))
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), mask, scan
 
@@ -186,6 +188,7 @@ def make_synthetic_vqa(
     image_size: int = 32,
     lesion_rate: float = 0.85,
     split: str = "train",
+    contrast: tuple[float, float] = CONTRAST_RANGE,
 ) -> Path:
     """Writes ``num_images`` scans, their masks and their question records under ``out_dir``.
 
@@ -196,6 +199,9 @@ def make_synthetic_vqa(
         image_size: side of the square uint8 grayscale images, >= 16.
         lesion_rate: probability that a scan has a lesion, in [0, 1].
         split: name of the split: record ids and the JSONL file name.
+        contrast: ``(low, high)`` grey levels a lesion's centre stands above its tissue, drawn uniformly per
+            lesion; the default is the faint :data:`CONTRAST_RANGE` (a brighter range makes an easier split, e.g.
+            for teaching a base model to look).
 
     Returns:
         the path of the JSONL file of :class:`QARecord` (paths in it relative to ``out_dir``).
@@ -207,6 +213,10 @@ def make_synthetic_vqa(
             raise ValueError(f"make_synthetic_vqa: `{name}` must be an int >= {low}; got {value!r}")
     if not 0.0 <= lesion_rate <= 1.0:
         raise ValueError(f"make_synthetic_vqa: `lesion_rate` must lie in [0, 1]; got {lesion_rate!r}")
+    if (not isinstance(contrast, (tuple, list)) or len(contrast) != 2
+            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in contrast)
+            or not 0 <= contrast[0] <= contrast[1] <= 255):
+        raise ValueError(f"make_synthetic_vqa: `contrast` must be (low, high) with 0 <= low <= high <= 255; got {contrast!r}")
     if not split or not split.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"make_synthetic_vqa: `split` must be a short alphanumeric name; got {split!r}")
     out = Path(out_dir).resolve()
@@ -215,7 +225,7 @@ def make_synthetic_vqa(
     rng = np.random.default_rng([seed, image_size])
     records: list[QARecord] = []
     for i in range(num_images):
-        img, mask, scan = _draw_scan(i, rng, image_size, lesion_rate)
+        img, mask, scan = _draw_scan(i, rng, image_size, lesion_rate, tuple(contrast))
         rid = f"synth-{split}-{i:05d}"
         image_path = out / "images" / f"{rid}.png"
         Image.fromarray(img).save(image_path)
