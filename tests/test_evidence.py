@@ -91,7 +91,7 @@ def test_the_matched_filter_reads_clean_scans(paper):
     for kind in ("side", "level"):
         e = paper.kinds[kind]
         acc = e.clean["matched-filter"]
-        assert e.reads(acc) and acc.accuracy > 0.8, (kind, acc)
+        assert acc.reads and acc.accuracy > 0.8, (kind, acc)
     assert paper.kinds["side"].n == paper.kinds["level"].n > 30
 
 
@@ -102,13 +102,17 @@ def test_the_papers_noise_leaves_the_evidence(paper):
     assert paper.kinds["side"].corrupted["texture-outlier"].accuracy > 0.9
 
 
-def test_inpainting_removes_the_evidence(inpaint):
-    assert inpaint.verdicts()["side"] == inpaint.verdicts()["level"] == "removed", inpaint.markdown()
-    assert inpaint.removes
+def test_inpainting_removes_the_lesions_brightness(paper, inpaint):
+    # The matched filter, which reads v, no longer tells side, level or size on the inpainted v'.
+    for kind in ("side", "level", "size"):
+        acc = inpaint.kinds[kind].corrupted["matched-filter"]
+        assert not acc.informed, (kind, acc, inpaint.markdown())
+        assert paper.kinds[kind].clean["matched-filter"].reads or kind == "size"
+    # The fill's texture still gives the place away on part of the scans (docs/corruption.md: 56-63% on
+    # held-out scans), far less often than the paper's noise does (nearly always).
     for kind in ("side", "level"):
-        e = inpaint.kinds[kind]
-        for acc in e.corrupted.values():
-            assert acc.accuracy <= e.chance + 2 * e.chance_se
+        assert inpaint.kinds[kind].corrupted["texture-outlier"].accuracy < 0.8
+        assert paper.kinds[kind].corrupted["texture-outlier"].accuracy > 0.95
 
 
 def test_a_copy_of_v_is_caught(scans):

@@ -25,13 +25,16 @@ radius, presence from its score. The two thresholds they need come from images, 
   (v or v') on its own: "large" means larger than the others of the set.
 
 :func:`evidence_check` returns an :class:`EvidenceReport`: per question kind and detector the accuracy on v and
-on v' with its standard error, and a verdict. A detector *reads* a set when its accuracy exceeds the chance
-rate (the share of the kind's most frequent right answer) by more than two standard errors of that rate,
-``sqrt(chance (1 - chance) / n)``. The corruption *removes* the evidence of a kind when some detector reads v
-and no detector reads v'; it *leaves* it when a detector reads v'. The test is one-sided on purpose: once the
-lesion is gone a detector answers from whatever else it finds, and its accuracy can fall below the chance
-rate without telling anything (a presence detector that says "no lesion" on every v' is exactly right about
-the image, and scores 1 - chance).
+on v' with its standard error, and a verdict. Each accuracy is compared with the detector's own baseline, the
+accuracy of answers given as often as it gave them but independently of the truth
+(``sum_c share(truth = c) share(said = c)``; for a detector that always gives the most frequent answer, the
+chance rate). A detector *reads* a set when it beats its baseline by more than two standard errors of it; its
+answers *depend on the truth* when they are that far from it either way (below it, they follow the truth
+reversed: a fill darker than the tissue puts the brightest spot in the other lung, which tells the side as
+well). The corruption *removes* the evidence of a kind when some detector reads v and no detector's answers on
+v' depend on the truth; it *leaves* it otherwise (``left``). Comparing with the detector's own baseline rather
+than the majority rate keeps a detector whose answers lean one way once the lesion is gone (a presence
+detector that says "no lesion" on every v' is right about the image) from counting as evidence.
 
 Command line: ``firempo-corrupt --check --data records.jsonl [--out evidence.json]`` (records with
 ``corrupted_image``, as ``firempo-corrupt`` writes them). Measured tables: docs/corruption.md.
@@ -54,8 +57,8 @@ KINDS = ("side", "level", "size", "presence")
 """The question kinds the detectors answer, in report order."""
 PRESENCE = ("a lesion", "no lesion")
 VERDICTS = ("removed", "left", "unread")
-"""``removed``: some detector reads v, none reads v'. ``left``: a detector reads v'. ``unread``: no detector
-reads v, so nothing can be said about v'."""
+"""``removed``: some detector reads v, no detector's answers on v' depend on the truth. ``left``: some do.
+``unread``: no detector reads v, so nothing can be said about v'."""
 
 
 # ---------------------------------------------------------------------------------------------- image ops
@@ -418,10 +421,17 @@ def answer(reading: Reading, kind: str, *, presence_threshold: float, size_thres
 
 @dataclass(frozen=True)
 class Accuracy:
-    """``correct`` right answers out of ``n``; ``accuracy`` and its standard error ``sqrt(p (1 - p) / n)``."""
+    """``correct`` right answers out of ``n``; ``accuracy`` and its standard error ``sqrt(p (1 - p) / n)``.
+
+    ``baseline`` is the accuracy a detector would have that gives each answer as often as this one did but
+    independently of the truth, ``sum over answers c of share(truth = c) * share(said = c)``;
+    ``baseline_se = sqrt(baseline (1 - baseline) / n)``. A detector that always says "left" has the share of
+    "left" as its baseline, whatever the majority is.
+    """
 
     correct: int
     n: int
+    baseline: float = math.nan
 
     @property
     def accuracy(self) -> float:
@@ -432,13 +442,30 @@ class Accuracy:
         p = self.accuracy
         return math.sqrt(p * (1 - p) / self.n) if self.n else math.nan
 
+    @property
+    def baseline_se(self) -> float:
+        b = self.baseline
+        return math.sqrt(b * (1 - b) / self.n) if self.n else math.nan
+
+    @property
+    def reads(self) -> bool:
+        """Above its baseline by more than two standard errors: the answers follow the truth."""
+        return bool(self.n) and self.accuracy > self.baseline + 2 * self.baseline_se
+
+    @property
+    def informed(self) -> bool:
+        """More than two standard errors from its baseline either way: the answers depend on the truth (below
+        the baseline they follow it reversed, which tells as much)."""
+        return bool(self.n) and abs(self.accuracy - self.baseline) > 2 * self.baseline_se
+
 
 @dataclass(frozen=True)
 class KindEvidence:
     """One question kind: the records' chance rate and every detector's accuracy on v and on v'.
 
-    ``chance`` is the share of the most frequent right answer, ``chance_se = sqrt(chance (1 - chance) / n)``;
-    a detector reads a set when its accuracy exceeds ``chance + 2 chance_se`` (see the module's notes).
+    ``chance`` is the share of the most frequent right answer (a blind guess of it scores that),
+    ``chance_se = sqrt(chance (1 - chance) / n)``. The verdict is taken against each detector's own baseline
+    (:class:`Accuracy`), which equals ``chance`` for a detector that always gives the most frequent answer.
     """
 
     kind: str
@@ -451,16 +478,12 @@ class KindEvidence:
     def chance_se(self) -> float:
         return math.sqrt(self.chance * (1 - self.chance) / self.n) if self.n else math.nan
 
-    def reads(self, acc: Accuracy) -> bool:
-        """Whether ``acc`` is above chance by more than two standard errors of the chance rate."""
-        return bool(acc.n) and acc.accuracy > self.chance + 2 * self.chance_se
-
     @property
     def verdict(self) -> str:
         """``removed``, ``left`` or ``unread`` (see :data:`VERDICTS`)."""
-        if any(self.reads(a) for a in self.corrupted.values()):
+        if any(a.informed for a in self.corrupted.values()):
             return "left"
-        if any(self.reads(a) for a in self.clean.values()):
+        if any(a.reads for a in self.clean.values()):
             return "removed"
         return "unread"
 
@@ -498,7 +521,8 @@ class EvidenceReport:
             return None if isinstance(x, float) and math.isnan(x) else x
 
         def acc(a: Accuracy) -> dict[str, Any]:
-            return {"correct": a.correct, "n": a.n, "accuracy": num(a.accuracy), "se": num(a.se)}
+            return {"correct": a.correct, "n": a.n, "accuracy": num(a.accuracy), "se": num(a.se),
+                    "baseline": num(a.baseline), "baseline_se": num(a.baseline_se), "informed": a.informed}
 
         return {
             "label": self.label,
@@ -520,8 +544,8 @@ class EvidenceReport:
         """A markdown table: one row per kind, accuracy +- standard error per detector on v and on v'."""
 
         def cell(a: Accuracy, e: KindEvidence) -> str:
-            mark = "**" if e.reads(a) else ""
-            return f"{mark}{100 * a.accuracy:.0f}{mark} +- {100 * a.se:.0f}"
+            mark = "**" if a.informed else ""
+            return f"{mark}{100 * a.accuracy:.0f}{mark} +- {100 * a.se:.0f} ({100 * a.baseline:.0f})"
 
         head = ["question", "n", "chance"]
         for d in self.detectors:
@@ -536,11 +560,19 @@ class EvidenceReport:
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         lines.append(
-            "Accuracy in % +- its standard error; **bold**: above chance by more than two standard errors of the "
-            "chance rate (the share of the most frequent right answer). `removed`: a detector reads v, none reads "
-            f"{self.label}; `left`: a detector still reads {self.label}; `unread`: no detector reads v."
+            "Accuracy in % +- its standard error (in brackets the detector's baseline: the accuracy of its own "
+            "answers given independently of the truth); **bold**: more than two standard errors of that baseline "
+            "from it. Chance: the share of the most frequent right answer. `removed`: a detector reads v, none "
+            f"is bold on {self.label}; `left`: a detector is bold on {self.label} (above or below its baseline: "
+            "either way its answers depend on the truth); `unread`: no detector reads v."
         )
         return "\n".join(lines)
+
+
+def _accuracy(said: Sequence[str], truth: Sequence[str]) -> Accuracy:
+    n = len(truth)
+    baseline = sum(truth.count(c) * said.count(c) for c in set(truth)) / (n * n)
+    return Accuracy(sum(a == b for a, b in zip(said, truth)), n, baseline)
 
 
 def _right_candidate(record: QARecord) -> str | None:
@@ -662,10 +694,8 @@ def evidence_check(
         chance = max(counts.values()) / len(rows)
         clean, corrupted = {}, {}
         for det in detectors:
-            said = answers[det.name]
-            clean[det.name] = Accuracy(sum(said["clean"][r.image][kind] == right for r, right in rows), len(rows))
-            corrupted[det.name] = Accuracy(
-                sum(said["corrupted"][r.corrupted_image][kind] == right for r, right in rows), len(rows)
-            )
+            for which, into, path in (("clean", clean, "image"), ("corrupted", corrupted, "corrupted_image")):
+                said = [answers[det.name][which][getattr(r, path)][kind] for r, _ in rows]
+                into[det.name] = _accuracy(said, [right for _, right in rows])
         kinds[kind] = KindEvidence(kind, len(rows), chance, clean, corrupted)
     return EvidenceReport(kinds, tuple(names), thresholds, skipped=len(records) - len(judged), label=label)
