@@ -96,8 +96,12 @@ def test_loss_and_gradients_equal_unpacked(family, checkpointing):
     for key in ("kl/forward", "rewards/margins") + (("loss/visual",) if family != "llama" else ()):
         assert metrics_b[key].item() == pytest.approx(metrics_a[key].item(), rel=1e-4, abs=1e-7), key
     assert grads_a.keys() == grads_b.keys() and grads_a
+    # Per tensor 1e-5 of its gradient, plus 1e-7 of the whole gradient's norm (as in test_models.py): fp32
+    # rounding follows the size of the terms summed, which shows in a tensor whose gradient nearly cancels
+    # (a vision tower run once per image packed, twice unpacked, sums its two rows' terms in another order).
+    total = torch.cat([g.flatten() for g in grads_a.values()]).norm()
     for name, g in grads_a.items():
-        assert (grads_b[name] - g).norm() <= 1e-5 * g.norm() + 1e-9, name
+        assert (grads_b[name] - g).norm() <= 1e-5 * g.norm() + 1e-7 * total, name
 
 
 def test_an_attention_that_cannot_take_the_mask_runs_unpacked_said_once(monkeypatch, caplog):
