@@ -172,3 +172,43 @@ def test_the_projects_preference_dataset_takes_a_tiny_processor(family, tmp_path
     batch = {"input_ids": ids[None], **example.images}
     logits = _forward(family, model, batch)
     assert torch.isfinite(logits).all()
+
+
+# The families served through ImageTextAdapter: each tiny processor is the family's own class (or, where the
+# stock class holds a video processor, which needs torchvision, an images-only subclass of it).
+IMAGE_PLACEHOLDER = {"gemma3": "<image_soft_token>", "gemma4": "<|image|>", "paligemma": "<image>",
+                     "paligemma2": "<image>", "llava_next": "<image>", "llava_onevision": "<image>",
+                     "idefics3": "<image>", "qwen3_5": "<|image_pad|>", "internvl": "<IMG_CONTEXT>"}
+STOCK_CLASS = {"gemma3": "Gemma3Processor", "gemma4": "Gemma4Processor", "paligemma": "PaliGemmaProcessor",
+               "paligemma2": "PaliGemmaProcessor", "llava_next": "LlavaNextProcessor",
+               "llava_onevision": "LlavaOnevisionProcessor", "idefics3": "Idefics3Processor",
+               "qwen3_5": "Qwen3VLProcessor", "internvl": "InternVLProcessor"}
+RELOADS = ("gemma3", "paligemma", "paligemma2", "llava_next", "idefics3")
+
+
+@pytest.mark.parametrize("family", sorted(IMAGE_PLACEHOLDER))
+def test_the_other_families_processors(family, tmp_path, one_thread):
+    import transformers
+
+    proc = tiny_processor(family)
+    assert isinstance(proc, getattr(transformers, STOCK_CLASS[family]))
+    assert (type(proc).__name__ == STOCK_CLASS[family]) == (family in RELOADS)
+    tok, config = proc.tokenizer, tiny_config(family)
+    assert tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER[family]) == config.image_token_id == 127
+    from firempo_kernels.integrations.data.synthetic import vocabulary
+
+    text = " ".join(vocabulary())
+    assert tok.unk_token_id not in tok(text, add_special_tokens=False)["input_ids"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the lesion?"}]}]
+    prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+    out = proc(text=[prompt], images=[[_image(24, 16, 4)]], return_tensors="pt")
+    ids = out["input_ids"]
+    assert int((ids == config.image_token_id).sum()) > 0 and int(ids.max()) < 128
+    again = pickle.loads(pickle.dumps(proc))
+    assert torch.equal(again(text=[prompt], images=[[_image(24, 16, 4)]], return_tensors="pt")["input_ids"], ids)
+    if family in RELOADS:  # a saved folder is a user's checkpoint: AutoProcessor gives the same processor back
+        proc.save_pretrained(tmp_path)
+        loaded = transformers.AutoProcessor.from_pretrained(tmp_path)
+        assert type(loaded) is type(proc)
+        back = loaded(text=[prompt], images=[[_image(24, 16, 4)]], return_tensors="pt")
+        assert back.keys() == out.keys() and all(torch.equal(back[k], out[k]) for k in out)
