@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -313,6 +312,7 @@ class MatchedFilterDetector:
     RADII = (0.3, 0.4, 0.52, 0.68, 0.88)  #: filter radii in lung half-widths
 
     def find(self, image: np.ndarray, anatomy: Anatomy) -> Finding:
+        """The strongest spot of a uint8 ``[H, W]`` or ``[H, W, C]`` scan inside ``anatomy``'s lung fields."""
         g = _as_gray(image, f"{self.name}: `image`")
         fld = anatomy.inner_field
         radii = [max(0.8, rel * anatomy.scale) for rel in self.RADII]
@@ -346,6 +346,7 @@ class MatchedFilterDetector:
         return Finding(float(stack[k, y, x]), x + 0.5, y + 0.5, float(radius))
 
     def presence_threshold(self, clean_scores: Sequence[float]) -> float:
+        """The Otsu split of the clean scans' scores (float): scans with a nodule and scans without."""
         return otsu_split(clean_scores)
 
 
@@ -360,6 +361,7 @@ class TextureOutlierDetector:
     name = "texture-outlier"
 
     def find(self, image: np.ndarray, anatomy: Anatomy) -> Finding:
+        """The strongest spot of a uint8 ``[H, W]`` or ``[H, W, C]`` scan inside ``anatomy``'s lung fields."""
         g = _as_gray(image, f"{self.name}: `image`")
         fld = _dilate(anatomy.field, 1)
         resid = g - _median3(g)
@@ -374,6 +376,7 @@ class TextureOutlierDetector:
         return Finding(abs(peak), x + 0.5, y + 0.5, math.sqrt(max(int(patch.sum()), 1) / math.pi))
 
     def presence_threshold(self, clean_scores: Sequence[float]) -> float:
+        """The highest score of any clean scan (float; nan without scores): nothing in a clean scan is altered."""
         scores = np.asarray(clean_scores, dtype=np.float64)
         return float(scores.max()) if scores.size else math.nan
 
