@@ -580,6 +580,13 @@ def tiny_processor(family: str, *, vocab_size: int = 128):
       cropped). Llava: ``CLIPImageProcessorPil`` resizing to 16 x 16 (8-px patches, CLS dropped). Qwen-VL:
       :class:`TinyQwenVLImageProcessor` (``Qwen2VLImageProcessorPil`` with patch_size 4, merge_size 2,
       temporal_patch_size 2, min_pixels = max_pixels = 256, a fixed 16 x 16 resize): grid ``(1, 4, 4)``.
+    * the other families (docs/families.md) get their own processor and image processor classes (the PIL
+      ones), configured small, with their own placeholder spellings at the top ids: Gemma 3
+      ``<start_of_image>`` expanded to ``<start_of_image><image_soft_token> x 4<end_of_image>``; Gemma 4
+      ``<|image|>`` (up to 70 tokens an image); PaliGemma ``<image> x 4<bos>`` before the prompt (no chat
+      words); LlavaNext and LlavaOnevision anyres over 16 x 16 tiles; Idefics3 split images with
+      ``<row_r_col_c>`` tokens and a ``<global-img>``; InternVL ``<img><IMG_CONTEXT> x 4 per tile</img>``;
+      Qwen3.5 as Qwen3-VL. Their images keep their shapes as the stock processors treat them.
 
     Returns:
         ``"llama"``: the tokenizer alone. ``"llava"``: a ``LlavaProcessor``. ``"qwen2_vl"``, ``"qwen2_5_vl"``,
@@ -587,6 +594,10 @@ def tiny_processor(family: str, *, vocab_size: int = 128):
         without a video processor (videos are not supported; the stock video processors need torchvision).
         Qwen processors return ``mm_token_type_ids``. ``save_pretrained`` works, but a saved Qwen folder does
         not reload with ``AutoProcessor`` (the tiny classes are not registered): call this function again.
+        ``"gemma3"``, ``"paligemma"``, ``"paligemma2"``, ``"llava_next"``, ``"idefics3"``: the stock class,
+        whose saved folder reloads with ``AutoProcessor``. ``"llava_onevision"``, ``"internvl"``,
+        ``"gemma4"``, ``"qwen3_5"``: images-only subclasses of the stock class (its video processor needs
+        torchvision; Gemma 4's audio feature extractor is left out too).
 
     Example::
 
