@@ -257,7 +257,15 @@ def compute_firempo_loss(
         )
     if not isinstance(shared_prefix, bool):
         raise TypeError(f"{fn}: `shared_prefix` must be a bool; got {type(shared_prefix).__name__}")
-    loss_fn = loss_for_model(loss_fn, model)
+    adapter = get_adapter(model)
+    loss_fn = loss_for_model(loss_fn, model, adapter)
+    ref_adapter, ref_model = getattr(ref, "adapter", None), getattr(ref, "model", None)
+    if ref_adapter is not None and ref_adapter.logit_softcap(ref_model) != getattr(loss_fn, "softcap", None):
+        # One cap serves both models' logits in the fused op; a reference capped otherwise would be misread.
+        raise ValueError(
+            f"{fn}: the reference model's final_logit_softcapping={ref_adapter.logit_softcap(ref_model)} differs "
+            f"from the policy's {getattr(loss_fn, 'softcap', None)}; the fused loss caps both with one value"
+        )
     request = LossRequest(
         batch, loss_fn, ref.hidden_states(model, batch, corrupted, shared_prefix), ref.head(model), corrupted,
         num_examples_in_batch, shared_prefix,

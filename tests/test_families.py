@@ -321,6 +321,10 @@ def test_a_soft_capped_model_is_served_with_its_cap():
     assert model.config.get_text_config().final_logit_softcapping == 3.0
     assert loss_takes_softcap()  # the loss reproduces the cap, so the model is not refused
     assert get_adapter(model).logit_softcap(model) == 3.0
+    batch = batch_for("paligemma2", 0)
     with pytest.raises(ValueError, match="softcap"):
-        compute_firempo_loss(model, tiny_model("paligemma2", seed=1), batch_for("paligemma2", 0),
-                             FiReMPOLoss(softcap=5.0))
+        compute_firempo_loss(model, tiny_model("paligemma2", seed=1), batch, FiReMPOLoss(softcap=5.0))
+    other = tiny_model("paligemma2", seed=1)
+    other.config.text_config.final_logit_softcapping = 5.0
+    with pytest.raises(ValueError, match="reference model's final_logit_softcapping=5.0"):
+        compute_firempo_loss(model, other, batch, FiReMPOLoss())
