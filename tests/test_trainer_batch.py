@@ -102,3 +102,33 @@ def test_batch_validate_catches_left_padding_and_row_count():
     short = PreferenceBatch(**{**batch.__dict__, "example_ids": ("a", "b")})
     with pytest.raises(ValueError, match=r"\[2B, T\] with B=2"):
         short.validate()
+
+
+def test_prompt_lengths_are_where_each_rows_labels_begin():
+    examples = [make_example("a", 3, 4, 6), make_example("b", 5, 2, 3)]
+    batch = PreferenceCollator(PAD)(examples)
+    batch.validate()
+    assert batch.prompt_lengths.tolist() == [3, 5, 3, 5]  # chosen rows, then rejected rows
+    assert torch.equal(batch.to("cpu").prompt_lengths, batch.prompt_lengths)
+    for bad, match in ((torch.tensor([3, 5, 3]), "shape"), (torch.tensor([3.0, 5, 3, 5]), "int64"),
+                       (torch.tensor([3, 50, 3, 5]), "between 0")):
+        with pytest.raises(ValueError, match=match):
+            PreferenceBatch(**{**batch.__dict__, "prompt_lengths": bad}).validate()
+
+
+def test_image_stacks_of_different_sizes_are_zero_padded_to_the_largest():
+    """Anyres tiles, split images, pixel masks: each example's stack padded at the end of every dimension."""
+    small, large = make_example("a", 3, 4, 6), make_example("b", 5, 2, 3)
+    small.images = {"pixel_values": torch.randn(1, 2, 3, 4, 4), "pixel_attention_mask": torch.ones(1, 2, 4, 4)}
+    large.images = {"pixel_values": torch.randn(1, 3, 3, 4, 6), "pixel_attention_mask": torch.ones(1, 3, 4, 6)}
+    small.corrupted_images = large.corrupted_images = None
+    batch = PreferenceCollator(PAD)([small, large])
+    pixels, mask = batch.images["pixel_values"], batch.images["pixel_attention_mask"]
+    assert pixels.shape == (2, 3, 3, 4, 6) and mask.shape == (2, 3, 4, 6)
+    assert torch.equal(pixels[0, :2, :, :, :4], small.images["pixel_values"][0])
+    assert pixels[0, 2].abs().sum() == 0 and pixels[0, :, :, :, 4:].abs().sum() == 0
+    assert torch.equal(pixels[1], large.images["pixel_values"][0])
+    assert mask[0].sum() == 2 * 4 * 4  # padding is masked out
+    large.images = {"pixel_values": torch.randn(1, 3, 4, 6), "pixel_attention_mask": torch.ones(1, 3, 4, 6)}
+    with pytest.raises(ValueError, match="number of dimensions"):
+        PreferenceCollator(PAD)([small, large])
