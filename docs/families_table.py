@@ -75,8 +75,9 @@ FAMILIES: dict[str, tuple[str, dict[str, list[str]]]] = {
 FAMILIES["qwen2_5_vl"][1]["precomputed reference"] = ["test_trl_trainer.py::test_precomputed_reference_equals_live"]
 FAMILIES["qwen2_vl"][1]["ZeRO-3"] = [  # smoke.yaml's family
     "test_trainer_distributed.py::test_zero3_two_ranks_equal_one_process_without_deepspeed"]
-FAMILIES["gemma3"][1]["ZeRO-3"] = [
-    "test_trainer_distributed.py::test_zero3_two_ranks_equal_one_process_for_other_families[gemma3]"]
+for _family in ("gemma3", "paligemma2"):
+    FAMILIES[_family][1]["ZeRO-3"] = [
+        f"test_trainer_distributed.py::test_zero3_two_ranks_equal_one_process_for_other_families[{_family}]"]
 # Qwen3.5 never packs (recurrent layers): the column says that it runs unpacked, and the test that it does.
 FAMILIES["qwen3_5"][1]["packed"] = ["test_families.py::test_a_model_with_recurrent_layers_runs_unpacked_said_once"]
 UNPACKED = {"qwen3_5"}
@@ -91,8 +92,9 @@ NOTES = [
     "part).",
     "packed: packed equals unpacked hidden states (1e-5) and loss and gradients; qwen3_5 runs unpacked "
     "(gated-delta-net layers carry state along the row), said once in the log.",
-    "ZeRO-3: 2 CPU ranks equal one process (loss per step and weights, 1e-5); run for one Qwen-VL family and "
-    "for Gemma 3, as the other families share their code path.",
+    "ZeRO-3: 2 CPU ranks equal one process (loss per step and weights, 1e-5); run for one Qwen-VL family, for "
+    "Gemma 3 (bidirectional image blocks, sliding windows) and PaliGemma 2 (soft cap, carried prompt lengths); "
+    "the other families share their code path.",
     "precomputed reference: training with the stored reference equals training with the live one.",
     "-: no test of that column for that family.",
 ]

@@ -150,10 +150,11 @@ def test_zero3_two_ranks_equal_one_process_without_deepspeed(launches):
         assert row[key] == pytest.approx(plain_row[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("family", ["gemma3"])
+@pytest.mark.parametrize("family", ["gemma3", "paligemma2"])
 def test_zero3_two_ranks_equal_one_process_for_other_families(launches, family):
     """Gemma 3 (MedGemma): its bidirectional image blocks and sliding-window layers in the packed ZeRO-3
-    forward, against the unpacked forward of one process."""
+    forward; PaliGemma 2: its soft-capped logits and the prompt lengths the batch carries; each against the
+    unpacked forward of one process."""
     zero3, plain = launches.zero3(f"{family}_zero3", f"model.tiny={family}"), \
         launches.plain(f"{family}_plain", f"model.tiny={family}")
     assert_head_partitioned(launches.logs[f"{family}_zero3"])
