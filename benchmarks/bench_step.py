@@ -1,8 +1,10 @@
-"""One whole FiRe-MPO training step of a small Qwen2.5-VL with Qwen's real vocabulary (V = 151936): forward
-and backward through the model, every pass of the method.
+"""One whole FiRe-MPO training step of a small Qwen2.5-VL with Qwen's real vocabulary (V = 151936), or of a
+small Gemma 3 (MedGemma) with Gemma's (V = 262144): forward and backward through the model, every pass of the
+method.
 
     .venv/bin/python benchmarks/bench_step.py [--prefix 128 256 512 1024] [--answer 32]
         [--answer-sweep 16 64 128] [--answer-sweep-prefix 512] [--reps 3]
+    .venv/bin/python benchmarks/bench_step.py --family gemma3 [--prefix 256 512] [--answer 32] [--reps 3]
 
 Methods, on the same model, reference and batch:
 
@@ -25,6 +27,17 @@ One example (B = 1) whose prompt is an image (4 placeholder tokens) and text up 
 d = 512, 8 decoder layers, V = 151936; the paper's setting: LoRA (r 8) on every projection of the language
 model, the reference = the policy with its adapters off. fp32, 2 threads. The authors' style runs up to
 ``--authors-max-prefix`` (its full logits take ~1.3 GB per pass at 1024 tokens and minutes per step here).
+
+With ``--family gemma3``, the same methods and example on ``Gemma3ForConditionalGeneration`` (MedGemma's
+architecture) built from a config with random weights: d = 512, 8 decoder layers, V = 262144, the head tied to
+the embedding as in MedGemma, Gemma 3's pattern of five sliding-window layers (window 1024, MedGemma 4B's) to
+one global layer, a SigLIP vision tower (d 512, 8 layers, 16-pixel images in 4-pixel patches pooled to 4 image
+tokens: MedGemma's 896-pixel images give 256; here, as for Qwen, the prefix is mostly text), LoRA (r 8) on the
+language model's projections only (not SigLIP's), the reference = adapters off. The image tokens attend each
+other both ways (``token_type_ids``, derived from the ids by the model adapter). The prompt is laid out as
+MedGemma's processor lays it out: ``<start_of_image>``, the image tokens, ``<end_of_image>``, then text. Its
+defaults: prefixes 256 and 512, no answer sweep; outputs ``benchmarks/report/step_gemma3.json``,
+``step_gemma3_vs_prefix.png`` and a generated block of its own in ``benchmarks/RESULTS.md``.
 
 Peak extra memory: each (method, prefix) in its own process, the resident-set high-water mark of one step
 minus the resident set before it (benchmarks/harness.py, CpuMemory). Time: the median of ``--reps`` steps
@@ -59,28 +72,71 @@ HERE = Path(__file__).resolve().parent
 RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- BEGIN GENERATED: benchmarks/bench_step.py -->", "<!-- END GENERATED: benchmarks/bench_step.py -->"
 METHODS = ("packed", "unpacked", "precomputed", "authors")
+FAMILIES = ("qwen2_5_vl", "gemma3")
 DPO_METHODS = ("dpo_packed", "dpo_trl")
 DPO_BEGIN = "<!-- BEGIN GENERATED: benchmarks/bench_step.py --dpo -->"
 DPO_END = "<!-- END GENERATED: benchmarks/bench_step.py --dpo -->"
+GEMMA3_BEGIN = "<!-- BEGIN GENERATED: benchmarks/bench_step.py --family gemma3 -->"
+GEMMA3_END = "<!-- END GENERATED: benchmarks/bench_step.py --family gemma3 -->"
 # TRL's DPOTrainer asks its fused head for these (they feed its logits/* and accuracy metrics).
 TRL_HEAD_OUTPUTS = ("log_probs", "entropy", "mean_logits", "is_top1")
 VOCAB, HIDDEN, LAYERS = 151936, 512, 8
+# Gemma 3 (MedGemma): its vocabulary, the head tied to the embedding; one global layer in every GEMMA3_PATTERN
+# (5 sliding-window layers, then a global one), the sliding layers' window GEMMA3_WINDOW tokens.
+GEMMA3_VOCAB, GEMMA3_HIDDEN, GEMMA3_LAYERS = 262144, 512, 8
+GEMMA3_WINDOW, GEMMA3_PATTERN = 1024, 6
 SPAN = slice(12, 16)  # the answers differ in these 4 tokens
-LORA_TARGETS = r"^(?!.*visual).*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+# The language model's projections; not the vision tower's (Qwen's ``visual``, SigLIP's ``vision_tower``, whose
+# attention has q_proj, k_proj and v_proj too).
+LORA_TARGETS = (r"^(?!.*(?:visual|vision_tower)).*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
+FAMILY_NAMES = {"qwen2_5_vl": "Qwen2.5-VL", "gemma3": "Gemma 3 (MedGemma)"}
 
 
-def build(prefix: int, answer: int, seed: int = 0):
+def model_shape(family: str) -> tuple[int, int, int]:
+    """(vocabulary, hidden size, decoder layers) of ``family``'s benchmark model."""
+    if family == "gemma3":
+        return GEMMA3_VOCAB, GEMMA3_HIDDEN, GEMMA3_LAYERS
+    return VOCAB, HIDDEN, LAYERS
+
+
+def base_model(family: str, seed: int = 0):
+    """``family``'s benchmark model with random weights (reproducible from ``seed``), frozen, in eval mode."""
+    from firempo_kernels.integrations.smoke import tiny_config, tiny_model
+
+    vocab, hidden, layers = model_shape(family)
+    kwargs = dict(vocab_size=vocab, hidden_size=hidden, num_layers=layers)
+    if family == "qwen2_5_vl":
+        base = tiny_model("qwen2_5_vl", seed=seed, **kwargs)
+    elif family == "gemma3":
+        import transformers
+
+        # tiny_config's Gemma 3 (SigLIP tower, 4 image tokens, ids at the top of the vocabulary) with MedGemma's
+        # tied head and Gemma 3's layer pattern and window in place of the tests' short ones.
+        config = tiny_config("gemma3", tie_word_embeddings=True, **kwargs)
+        config.text_config.sliding_window = GEMMA3_WINDOW
+        config.text_config.layer_types = ["full_attention" if (i + 1) % GEMMA3_PATTERN == 0 else "sliding_attention"
+                                          for i in range(layers)]
+        config._attn_implementation = "sdpa"
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            base = transformers.Gemma3ForConditionalGeneration(config).eval()
+    else:
+        raise ValueError(f"bench_step: `family` must be one of {FAMILIES}; got {family!r}")
+    base.requires_grad_(False)
+    return base
+
+
+def build(prefix: int, answer: int, seed: int = 0, family: str = "qwen2_5_vl"):
     """(policy, reference, batch, loss_fn): the LoRA policy, its reference (``"adapters_disabled"``), one
     collated example and the paper's loss."""
     import peft
 
     from firempo_kernels import FiReMPOLoss
     from firempo_kernels.integrations.batch import PreferenceCollator, PreferenceExample
-    from firempo_kernels.integrations.smoke import _image_layout, _special_ids, tiny_model
+    from firempo_kernels.integrations.smoke import _image_layout, _special_ids
 
-    kwargs = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_layers=LAYERS)
-    base = tiny_model("qwen2_5_vl", seed=seed, **kwargs)
-    base.requires_grad_(False)
+    vocab = model_shape(family)[0]
+    base = base_model(family, seed)
     # The paper's setting: LoRA on the language model's projections; the reference is the policy with its
     # adapters off (one model in memory, the head shared).
     torch.manual_seed(seed)  # LoRA's A matrices: the same in every process
@@ -91,10 +147,11 @@ def build(prefix: int, answer: int, seed: int = 0):
         for name, param in policy.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.02, generator=lora_g)
-    special = _special_ids(VOCAB)
+    # Both families' configs put their image-start (Qwen's vision_start, Gemma's boi) and image-end ids here.
+    special = _special_ids(vocab)
     image_tokens, vision = _image_layout(policy.config)
     g = torch.Generator().manual_seed(seed)
-    text = lambda n: torch.randint(0, VOCAB - 16, (n,), generator=g)  # noqa: E731 - below the special ids
+    text = lambda n: torch.randint(0, vocab - 16, (n,), generator=g)  # noqa: E731 - below the special ids
     prompt = torch.cat((torch.tensor([special["vision_start_token_id"]] + [special["image_token_id"]] * image_tokens
                                      + [special["vision_end_token_id"]]), text(prefix - image_tokens - 2)))
     chosen = text(answer)
@@ -226,14 +283,14 @@ def run_step(method: str, policy, reference, batch, loss_fn) -> float:
     return step_ours(policy, reference, batch, loss_fn, shared=method in ("packed", "dpo_packed"))
 
 
-def child(method: str, prefix: int, answer: int) -> dict:
+def child(method: str, prefix: int, answer: int, family: str = "qwen2_5_vl") -> dict:
     """Peak extra memory of one step of ``method`` (run in a fresh process)."""
     from benchmarks.harness import CpuMemory, _Glibc
 
     glibc = _Glibc()
     glibc.tight()
     policy, reference, batch, loss_fn = (build_dpo(prefix, answer, method) if method in DPO_METHODS
-                                         else build(prefix, answer))
+                                         else build(prefix, answer, family=family))
     run_step(method, policy, reference, batch, loss_fn)  # warm-up
     policy.zero_grad(set_to_none=True)
     memory = CpuMemory()
@@ -242,7 +299,8 @@ def child(method: str, prefix: int, answer: int) -> dict:
     return {"peak_extra_mib": memory.peak_extra_mib(), "loss": value}
 
 
-def measure(shapes, reps: int, authors_max_prefix: int, authors_max_answer: int = 32, dpo: bool = False) -> list[dict]:
+def measure(shapes, reps: int, authors_max_prefix: int, authors_max_answer: int = 32, dpo: bool = False,
+            family: str = "qwen2_5_vl") -> list[dict]:
     """One row per (prefix, answer) of ``shapes``; the authors' style only up to both maxima (its steps take
     30 s and more beyond them here)."""
     from benchmarks.harness import _Glibc
@@ -260,13 +318,14 @@ def measure(shapes, reps: int, authors_max_prefix: int, authors_max_answer: int 
             methods = [m for m in METHODS if m != "authors" or authors]
         for method in methods:
             proc = subprocess.run([sys.executable, __file__, "--child", method, "--prefix", str(prefix),
-                                   "--answer", str(answer)], capture_output=True, text=True, env=_env())
+                                   "--answer", str(answer), "--family", family],
+                                  capture_output=True, text=True, env=_env())
             if proc.returncode != 0:
                 raise RuntimeError(f"{method} at prefix {prefix}: {proc.stderr[-2000:]}")
             record[method] = json.loads(proc.stdout.strip().splitlines()[-1])
         # TRL patches the forward of the model it is given: each DPO method gets its own copy.
         setups = {m: build_dpo(prefix, answer, m) for m in methods} if dpo else dict.fromkeys(
-            methods, build(prefix, answer))
+            methods, build(prefix, answer, family=family))
         times: dict[str, list[float]] = {m: [] for m in methods}
         for method in methods:
             run_step(method, *setups[method])  # warm-up
@@ -308,9 +367,12 @@ def _run_line(rows: list[dict], reps: int) -> str:
             f"load average {min(r['load'] for r in rows):.1f}-{max(r['load'] for r in rows):.1f}.")
 
 
-def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD) -> str:
+def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD, family: str = "qwen2_5_vl") -> str:
+    """The JSON, the plots and the generated block of ``family`` (Qwen's files keep their names; Gemma 3's are
+    ``step_gemma3*`` and its block has markers of its own)."""
     out.mkdir(parents=True, exist_ok=True)
-    write_whole(out / "step.json", json.dumps(rows, indent=1))
+    stem = "step" if family == "qwen2_5_vl" else f"step_{family}"
+    write_whole(out / f"{stem}.json", json.dumps(rows, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,11 +380,11 @@ def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD)
 
     answer, sweep_prefixes = rows[0]["answer"], [r["prefix"] for r in rows if r["answer"] != rows[0]["answer"]]
     plots = [("prefix", "prefix tokens (image + question)", [r for r in rows if r["answer"] == answer],
-              f"{answer}-token answers", "step_vs_prefix.png")]
+              f"{answer}-token answers", f"{stem}_vs_prefix.png")]
     if sweep_prefixes:
         at = sweep_prefixes[0]
         plots.append(("answer", "answer tokens (each of the two)", [r for r in rows if r["prefix"] == at],
-                      f"a {at}-token prefix", "step_vs_answer.png"))
+                      f"a {at}-token prefix", f"{stem}_vs_answer.png"))
     for key, xlabel, chosen, fixed, name in plots:
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 3.8))
         for method, color in zip(METHODS, ("C0", "C1", "C2", "C3")):
@@ -337,7 +399,8 @@ def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD)
             ax.grid(alpha=0.3)
         ax_m.set_yscale("log")
         ax_t.legend()
-        fig.suptitle(f"one FiRe-MPO step, Qwen2.5-VL (d {HIDDEN}, {LAYERS} layers, V {VOCAB}), {fixed}")
+        vocab, hidden, layers = model_shape(family)
+        fig.suptitle(f"one FiRe-MPO step, {FAMILY_NAMES[family]} (d {hidden}, {layers} layers, V {vocab}), {fixed}")
         fig.tight_layout()
         save_figure(fig, out / name)
         plt.close(fig)
@@ -362,10 +425,11 @@ def write(rows: list[dict], out: Path, reps: int, results_md: Path = RESULTS_MD)
             f"| {p['peak_extra_mib']:,.0f} MiB | {u['peak_extra_mib']:,.0f} MiB | {s_peak} | {a_peak} |")
     agree = max(abs(r[m]["loss"] - r["unpacked"]["loss"]) / abs(r["unpacked"]["loss"])
                 for r in rows for m in METHODS if m in r)
-    lines += ["", f"The methods' losses agree to {agree:.1e} relative (the same objective). "
-                  "Plots: `benchmarks/report/step_vs_prefix.png`, `benchmarks/report/step_vs_answer.png`."]
+    names = ", ".join(f"`benchmarks/report/{name}`" for *_, name in plots)
+    lines += ["", f"The methods' losses agree to {agree:.1e} relative (the same objective). Plots: {names}."]
     text = "\n".join(lines)
-    update_results_md(results_md, text, BEGIN, END)
+    begin, end = (BEGIN, END) if family == "qwen2_5_vl" else (GEMMA3_BEGIN, GEMMA3_END)
+    update_results_md(results_md, text, begin, end)
     return text
 
 
@@ -392,10 +456,14 @@ def write_dpo(rows: list[dict], out: Path, reps: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prefix", type=int, nargs="+", default=[128, 256, 512, 1024])
+    ap.add_argument("--family", choices=FAMILIES, default="qwen2_5_vl",
+                    help="the model: Qwen2.5-VL (V 151936) or Gemma 3 / MedGemma (V 262144)")
+    ap.add_argument("--prefix", type=int, nargs="+",
+                    help="prefix lengths (default: 128 256 512 1024; Gemma 3: 256 512)")
     ap.add_argument("--answer", type=int, default=32)
-    ap.add_argument("--answer-sweep", type=int, nargs="*", default=[16, 64, 128],
-                    help="more answer lengths, measured at the prefix --answer-sweep-prefix (plotted apart)")
+    ap.add_argument("--answer-sweep", type=int, nargs="*",
+                    help="more answer lengths, measured at the prefix --answer-sweep-prefix (plotted apart; "
+                         "default: 16 64 128; Gemma 3: none)")
     ap.add_argument("--answer-sweep-prefix", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--authors-max-prefix", type=int, default=512)
@@ -403,15 +471,25 @@ def main(argv=None) -> int:
     ap.add_argument("--dpo", action="store_true", help="the DPO preset: ours against TRL's DPOTrainer step")
     ap.add_argument("--child", choices=METHODS + DPO_METHODS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    gemma = args.family == "gemma3"
+    if args.dpo and gemma:
+        ap.error("--dpo runs on the Qwen2.5-VL model only")
+    if args.prefix is None:
+        args.prefix = [256, 512] if gemma else [128, 256, 512, 1024]
+    if args.answer_sweep is None:
+        args.answer_sweep = [] if gemma else [16, 64, 128]
     torch.set_num_threads(int(_env()["OMP_NUM_THREADS"]))
     if args.child:
-        print(json.dumps(child(args.child, args.prefix[0], args.answer)))
+        print(json.dumps(child(args.child, args.prefix[0], args.answer, args.family)))
         return 0
     shapes = [(p, args.answer) for p in args.prefix]
     if not args.dpo:
         shapes += [(args.answer_sweep_prefix, a) for a in args.answer_sweep if a != args.answer]
-    rows = measure(shapes, args.reps, args.authors_max_prefix, dpo=args.dpo)
-    print((write_dpo if args.dpo else write)(rows, Path(args.out), args.reps))
+    rows = measure(shapes, args.reps, args.authors_max_prefix, dpo=args.dpo, family=args.family)
+    if args.dpo:
+        print(write_dpo(rows, Path(args.out), args.reps))
+    else:
+        print(write(rows, Path(args.out), args.reps, family=args.family))
     return 0
 
 
