@@ -43,10 +43,13 @@ __all__ = [
 ]
 
 _DEFAULT_LORA_TARGETS = (
-    r"^(?!.*(?:vision_tower|vision_model|visual|multi_modal_projector|merger)).*"
+    r"^(?!.*(?:vision_tower|vision_model|visual|multi_modal_projector|merger|connector|embed_vision)).*"
     r"\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 )
-_VISION_PARAMS = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector.")
+# Vision towers and the modules that carry their features into the language model, in every served family
+# (Idefics3's connector, Gemma 4's embed_vision, LLaVA-NeXT's and OneVision's image_newline).
+_VISION_PARAMS = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector.", "connector.", "embed_vision.",
+                  "image_newline")
 _CONFIGS = Path(__file__).parent / "configs"
 
 
@@ -270,7 +273,9 @@ def build_trainer(run: RunConfig, *, log=print, precompute: bool = False):
     trainer = FiReMPOTrainer(policy, ref_model=ref_model, args=args, data_collator=collator, train_dataset=dataset,
                              processing_class=processor, peft_config=_lora_config(run),
                              callbacks=[_head_placement_callback(log)])
-    log(f"reference: {trainer.reference.mode}; loss: {trainer.loss_fn!r}")
+    from .forward import loss_for_model
+
+    log(f"reference: {trainer.reference.mode}; loss: {loss_for_model(trainer.loss_fn, policy)!r}")
     return trainer
 
 
