@@ -107,7 +107,8 @@ def teach(
             mask[i, : len(p) + len(r)] = 1
             targets[i, len(p) : len(p) + len(r)] = torch.tensor(r)
         images = {k: torch.cat([im[k] for _, _, im in rows]) for k in rows[0][2]}
-        hidden = adapter.hidden_states(model, ids, mask, images)
+        prompt_lengths = torch.tensor([len(p) for p, _, _ in rows])  # PaliGemma's prefix attends both ways
+        hidden = adapter.hidden_states(model, ids, mask, images, prompt_lengths=prompt_lengths)
         weight, bias = adapter.head(model)
         # hidden state t predicts token t + 1
         logp = fused_linear_logprobs(hidden[:, :-1].contiguous(), weight, targets[:, 1:].contiguous(), bias=bias)

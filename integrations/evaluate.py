@@ -102,7 +102,9 @@ class ModelScorer:
                 mask[i, : len(p) + len(r)] = 1
                 targets[i, len(p) : len(p) + len(r)] = torch.tensor(r)
             images = {k: torch.cat([im[k] for _, _, im in rows]).to(device) for k in rows[0][2]}
-            hidden = self.adapter.hidden_states(self.model, ids.to(device), mask.to(device), images)
+            prompt_lengths = torch.tensor([len(p) for p, _, _ in rows], device=device)  # PaliGemma's prefix
+            hidden = self.adapter.hidden_states(self.model, ids.to(device), mask.to(device), images,
+                                                prompt_lengths=prompt_lengths)
             weight, bias = self.adapter.head(self.model)
             # hidden state t predicts token t + 1
             logp = fused_linear_logprobs(

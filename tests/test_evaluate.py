@@ -382,3 +382,36 @@ def test_kind_table_and_json():
     json.dumps(data, allow_nan=False)
     assert data["by_kind"]["where"]["drop"] == 4.0 and data["by_kind"]["where"]["drop_se"] is None
     assert data["by_kind"]["presence"]["no_lesion_rate_corrupted"] == 0.5 and data["closed"] == 6
+
+
+@pytest.mark.parametrize("family", ["llava", "paligemma"])
+def test_model_scorer_equals_the_models_own_log_probs(tmp_path, family, one_thread):
+    """The summed response log-prob of ModelScorer equals the float64 log-softmax of the model's own logits;
+    PaliGemma's prompt attends both ways, so the scorer must tell the adapter where each prompt ends."""
+    import numpy as np
+    from PIL import Image
+
+    from firempo_kernels.integrations.data.dataset import PromptEncoder, load_image
+    from firempo_kernels.integrations.data.tags import encode_response
+    from firempo_kernels.integrations.smoke import tiny_model, tiny_processor
+
+    model, processor = tiny_model(family).eval(), tiny_processor(family)
+    rng = np.random.default_rng(0)
+    requests = []
+    for i, response in enumerate(["the lesion is left", "no lesion"]):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray((rng.random((16, 16, 3)) * 255).astype("uint8")).save(path)
+        requests.append(ScoreRequest(str(path), "where is the lesion", response))
+    got = ModelScorer(model, processor)(requests)
+    prompts = PromptEncoder(processor)
+    for req, score in zip(requests, got):
+        prompt, images = prompts(req.question, load_image(req.image))
+        response = list(encode_response(prompts.tokenizer, req.response, where="t").input_ids)
+        ids = torch.tensor([prompt + response])
+        extra = {}
+        if family == "paligemma":
+            extra["token_type_ids"] = torch.tensor([[0] * len(prompt) + [1] * len(response)])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **images, **extra).logits[0].double()
+        logp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1).gather(1, torch.tensor(response)[:, None]).sum()
+        assert score == pytest.approx(logp.item(), rel=1e-5, abs=1e-5)
