@@ -6,7 +6,7 @@
 Each cell is what the named tests did in this run: "yes" when every test behind it passed, "FAILED" when one
 failed, "not run" when none was collected or selected (ZeRO-3 without --zero3), "-" where no test exists for
 that family (said in the notes under the table). The table (with the run's date, the session seed and the
-command) replaces the one between the markers of docs/families.md; the README takes it from there.
+command) replaces the one between the markers of docs/families.md and of the README.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "families.md"
+README = ROOT / "README.md"
 BEGIN, END = "<!-- families-table:begin -->", "<!-- families-table:end -->"
 
 
@@ -152,16 +153,17 @@ def main(argv: list[str] | None = None) -> int:
         *[f"- {note}" for note in NOTES],
         END,
     ])
-    text = DOC.read_text(encoding="utf-8")
-    if BEGIN not in text or END not in text:
-        print(f"families_table: {DOC} has no {BEGIN} ... {END} markers", file=sys.stderr)
-        return 2
-    head, rest = text.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
     sys.path.insert(0, str(ROOT))
     from firempo_kernels.integrations.cli import write_whole
 
-    write_whole(DOC, head + table + tail)
+    texts = {doc: doc.read_text(encoding="utf-8") for doc in (DOC, README)}
+    for doc, text in texts.items():
+        if BEGIN not in text or END not in text:
+            print(f"families_table: {doc} has no {BEGIN} ... {END} markers", file=sys.stderr)
+            return 2
+    for doc, text in texts.items():
+        head, rest = text.split(BEGIN, 1)
+        write_whole(doc, head + table + rest.split(END, 1)[1])
     print("\n".join(lines))
     failed = sorted(t for t in ids if outcome.get(t) == "failed")
     if failed:

@@ -17,3 +17,14 @@ def test_readme_has_examples():
 def test_readme_example_runs(source, monkeypatch):
     monkeypatch.setenv("FIREMPO_BACKEND", "auto")
     exec(compile(source, str(README), "exec"), {"__name__": "__readme__"})
+
+
+def test_readme_family_table_is_the_generated_one():
+    """docs/families_table.py writes one block into both files; a hand edit of either shows here."""
+    begin, end = "<!-- families-table:begin -->", "<!-- families-table:end -->"
+    blocks = []
+    for path in (README, README.parent / "docs" / "families.md"):
+        text = path.read_text(encoding="utf-8")
+        blocks.append(text[text.index(begin) : text.index(end)])
+    assert blocks[0] == blocks[1]
+    assert "| `gemma3` | Gemma3ForConditionalGeneration" in blocks[0]
