@@ -34,6 +34,9 @@ def test_verdicts_say_what_moved_and_what_did_not():
     assert "'side?': 25/50 -> 26/50, did not move beyond noise" in text
     assert "'size?': 20/50 -> 45/50, improved" in text
     assert "from +0.000 to +0.010 nats" in text and "within noise, it did not move" in text
+    # an image-blind model: v and v' score alike up to rounding, with a standard error of the same size
+    blind = "\n".join(demo.verdicts(_report(0.5, {}, -2e-7, 1e-8), _report(0.5, {}, 3e-7, 1e-8)))
+    assert "within noise, it did not move" in blind
 
 
 def test_curves_and_report(tmp_path):
