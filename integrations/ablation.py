@@ -28,10 +28,11 @@ same settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import multiprocessing
 import os
-import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -101,7 +102,6 @@ class AblationConfig:
     batch_size: int = 8
     learning_rate: float = 5e-4
     beta: float = 0.1
-    gamma_ablation: float = 1.0
     workers: int = 2
     max_new_tokens: int = 12
     rows: tuple[Row, ...] = field(default_factory=lambda: default_rows(1.0))
@@ -315,28 +315,28 @@ def aggregate(rows: Sequence[Row], runs: dict[str, dict[int, dict[str, Any]]]) -
 def _cell(mean: float, se: float, pct: bool, signed: bool = False) -> str:
     if math.isnan(mean):
         return "n/a"
-    scale = 100.0 if pct else 1.0
-    fmt = "+.1f" if (pct and signed) else ".1f" if pct else "+.3f" if signed or not pct else ".3f"
-    body = f"{scale * mean:{fmt}}"
-    return body if math.isnan(se) else f"{body} ± {scale * se:.1f}" if pct else f"{body} ± {se:.3f}"
+    if pct:  # shares in percent, one decimal; nats signed, three decimals
+        body = f"{100 * mean:{'+' if signed else ''}.1f}"
+        return body if math.isnan(se) else f"{body} ± {100 * se:.1f}"
+    body = f"{mean:+.3f}"
+    return body if math.isnan(se) else f"{body} ± {se:.3f}"
 
 
 def markdown_tables(table: dict[str, Any]) -> str:
     """Two markdown tables: the measures per row (mean ± SE across seeds) and the paired differences to the
     control."""
-    names = [m for m in MEASURES]
-    head = "| row | seeds | " + " | ".join(label for _, _, label, _ in names) + " |"
-    rule = "|---|---|" + "---|" * len(names)
+    head = "| row | seeds | " + " | ".join(label for _, _, label, _ in MEASURES) + " |"
+    rule = "|---|---|" + "---|" * len(MEASURES)
     lines = [head, rule]
     for r in table.values():
-        cells = [_cell(r["measures"][n]["mean"], r["measures"][n]["se"], pct) for n, _, _, pct in names]
+        cells = [_cell(r["measures"][n]["mean"], r["measures"][n]["se"], pct) for n, _, _, pct in MEASURES]
         lines.append(f"| {r['label']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     diff = [head.replace("| row |", "| row, minus the gamma-0 control (paired by seed) |"), rule]
     for key, r in table.items():
         if key == CONTROL:
             continue
         cells = [_cell(r["measures"][n]["diff"], r["measures"][n]["diff_se"], pct, signed=True)
-                 for n, _, _, pct in names]
+                 for n, _, _, pct in MEASURES]
         diff.append(f"| {r['label']} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n" + "\n".join(diff)
 
@@ -416,20 +416,16 @@ def run_ablation(out: Path, cfg: AblationConfig, *, seeds: Sequence[int] | None 
                          "heldout": facts["heldout"], "config": _settings(cfg), "result": str(result)})
     _say(f"{len(jobs)} runs to do ({len(cfg.rows)} rows x {len(seeds)} seeds, {cfg.workers} at a time)")
     t0 = time.perf_counter()
-    if jobs:
-        if cfg.workers == 1:
-            results = map(run_one, jobs)
-        else:
-            import multiprocessing
-
-            pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn"))
+    with contextlib.ExitStack() as stack:
+        results: Any = map(run_one, jobs)
+        if cfg.workers > 1 and jobs:
+            # spawn: a forked worker would inherit this process's torch threads and state
+            pool = stack.enter_context(ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("spawn")))
             results = pool.map(run_one, jobs)
         for k, res in enumerate(results, 1):
             runs[res["row"]][res["seed"]] = res
             _say(f"run {k}/{len(jobs)}: {res['row']} seed {res['seed']} in {res['train_seconds']:.0f} s, "
                  f"accuracy {100 * (res['eval']['accuracy'] or 0):.1f}%")
-        if cfg.workers != 1:
-            pool.shutdown()
     runs_s = time.perf_counter() - t0
     table = aggregate(cfg.rows, runs)
     total_s = time.perf_counter() - started

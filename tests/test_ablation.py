@@ -67,7 +67,7 @@ def test_whole_path_at_tiny_size(tmp_path, monkeypatch):
     monkeypatch.setenv("FIREMPO_PROGRESS", "0")
     rows = (Row(CONTROL, "control", "firempo", gamma=0.0),
             Row("g1", "gamma 1, paper noise", "firempo", gamma=1.0, corruption="paper"))
-    cfg = ablation.replace(ablation.QUICK, rows=rows, workers=1)
+    cfg = ablation.replace(ablation.QUICK, rows=rows, workers=2)  # the pool of spawned workers, as make ablation runs
     out = tmp_path / "abl"
     report = ablation.run_ablation(out, cfg)
     text = report.read_text()
