@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 EXTRAS := dev,hf,deepspeed,peft,bench
 
-.PHONY: demo ablation test bench bench-step bench-step-dpo bench-busy clean
+.PHONY: demo ablation test bench bench-step bench-step-dpo bench-step-gemma3 bench-busy clean
 
 $(STAMP): setup.py requirements/pins.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ bench-step: $(STAMP)
 
 bench-step-dpo: $(STAMP)
 	$(PY) benchmarks/bench_step.py --dpo --prefix 512
+
+bench-step-gemma3: $(STAMP)
+	$(PY) benchmarks/bench_step.py --family gemma3
 
 bench-busy: $(STAMP)
 	$(PY) benchmarks/busy_check.py
