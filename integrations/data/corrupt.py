@@ -41,6 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from ..cli import atomic_write, check_writable_dir, check_writable_file, run_command
+from ._filters import gaussian_taps
 from ._progress import progress
 from .records import QARecord, load_preference_records, load_qa_records, read_jsonl, write_records
 
@@ -159,19 +160,13 @@ def corrupt_array(
     return out
 
 
-def _gauss_taps(sigma: float) -> np.ndarray:
-    r = max(1, int(np.ceil(3 * sigma)))
-    taps = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    return taps / taps.sum()
-
-
 def _smooth(a: np.ndarray, sigma: float, weight: np.ndarray | None = None) -> np.ndarray:
     """Gaussian mean of ``a`` (float ``[H, W]``) over the pixels where ``weight`` is 1 (all when None): the
     weights are blurred alike and divided out, so the image's edge and the excluded pixels pull nothing."""
     import cv2
 
     w = np.ones(a.shape) if weight is None else weight.astype(np.float64)
-    taps = _gauss_taps(sigma)
+    taps = gaussian_taps(sigma)
     num = cv2.sepFilter2D(a * w, cv2.CV_64F, taps, taps, borderType=cv2.BORDER_CONSTANT)
     den = cv2.sepFilter2D(w, cv2.CV_64F, taps, taps, borderType=cv2.BORDER_CONSTANT)
     return num / np.maximum(den, 1e-9)
@@ -207,7 +202,7 @@ def _texture_fields(rng: np.random.Generator, shape: tuple[int, int], width: flo
     import cv2
 
     white = rng.normal(0.0, 1.0, size=shape)
-    taps = _gauss_taps(width)
+    taps = gaussian_taps(width)
     smooth = cv2.sepFilter2D(rng.normal(0.0, 1.0, size=shape), cv2.CV_64F, taps, taps, borderType=cv2.BORDER_REFLECT)
     return white, smooth / max(float(smooth.std()), 1e-9)
 

@@ -48,6 +48,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from ._filters import gaussian_taps
 from .editors import find_candidates
 from .records import QARecord
 from .synthetic import LEVELS, SIDES, SIZES, question_kind
@@ -121,8 +122,7 @@ class _Correlator:
 
 
 def _gaussian(a: np.ndarray, sigma: float) -> np.ndarray:
-    r = max(1, int(math.ceil(3 * sigma)))
-    taps = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    taps = gaussian_taps(sigma)
     kernel = np.outer(taps, taps)
     return _masked_mean(a, np.ones(a.shape, bool), kernel)[0]
 

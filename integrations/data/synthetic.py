@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._filters import gaussian_taps
 from .records import QARecord, write_records
 
 SIDES = ("left", "right")
@@ -69,9 +70,8 @@ QUESTION_KINDS = ("side", "level", "size", "presence", "where")
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], width: float) -> np.ndarray:
     """Unit-variance Gaussian noise blurred by a Gaussian of ``width`` pixels: tissue-like texture."""
     noise = rng.normal(0.0, 1.0, size=shape)
-    radius = max(1, int(np.ceil(3 * width)))
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / width) ** 2)
-    taps /= taps.sum()
+    taps = gaussian_taps(width)
+    radius = len(taps) // 2
     for axis in (0, 1):
         noise = np.apply_along_axis(lambda v: np.convolve(np.pad(v, radius, mode="wrap"), taps, "valid"), axis, noise)
     return noise / noise.std()
