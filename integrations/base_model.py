@@ -74,10 +74,9 @@ def teach(
     """
     import torch
 
-    from firempo_kernels import fused_linear_logprobs
-
     from .data._progress import progress
     from .data.dataset import PromptEncoder, load_image
+    from .evaluate import response_token_logprobs
     from .models import get_adapter
 
     _check_positive("teach", steps=steps, batch_size=batch_size, lr=lr)
@@ -99,20 +98,8 @@ def teach(
             prompt, images = encoded[rec.id]
             response = tok(answer(rec, rng), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             rows.append((prompt, response, images))
-        length = max(len(p) + len(r) for p, r, _ in rows)
-        ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.int64)
-        mask, targets = torch.zeros_like(ids), torch.full_like(ids, -100)
-        for i, (p, r, _) in enumerate(rows):
-            ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-            mask[i, : len(p) + len(r)] = 1
-            targets[i, len(p) : len(p) + len(r)] = torch.tensor(r)
-        images = {k: torch.cat([im[k] for _, _, im in rows]) for k in rows[0][2]}
-        prompt_lengths = torch.tensor([len(p) for p, _, _ in rows])  # PaliGemma's prefix attends both ways
-        hidden = adapter.hidden_states(model, ids, mask, images, prompt_lengths=prompt_lengths)
-        weight, bias = adapter.head(model)
-        # hidden state t predicts token t + 1
-        logp = fused_linear_logprobs(hidden[:, :-1].contiguous(), weight, targets[:, 1:].contiguous(), bias=bias)
-        loss = -logp.sum() / (targets[:, 1:] != -100).sum()
+        logp = response_token_logprobs(model, adapter, rows, tok.pad_token_id)
+        loss = -logp.sum() / sum(len(r) for _, r, _ in rows)
         opt.zero_grad()
         loss.backward()
         opt.step()

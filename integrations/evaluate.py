@@ -33,7 +33,7 @@ import numbers
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -56,6 +56,39 @@ class ScoreRequest:
 
 Scorer = Callable[[Sequence[ScoreRequest]], list[float]]
 """Anything returning, per request, the summed log-probability of the response tokens (EOS included)."""
+
+
+def response_token_logprobs(
+    model: Any, adapter: Any, rows: Sequence[tuple[list[int], list[int], Mapping[str, torch.Tensor]]], pad_token_id: int
+) -> torch.Tensor:
+    """Per-token log-probabilities of each row's response given its prompt, from hidden states (no logits).
+
+    Args:
+        model, adapter: the model and its :func:`~.models.get_adapter` adapter.
+        rows: ``(prompt ids, response ids, vision inputs)`` per row, as :class:`~.data.dataset.PromptEncoder`
+            gives the prompt and its vision inputs; the rows are right-padded with ``pad_token_id``.
+
+    Returns:
+        float32 ``[R, T - 1]`` on the model's device: position t holds log p(token t + 1) where that token is
+        a response token, 0 elsewhere; differentiable when the model is.
+    """
+    from firempo_kernels import fused_linear_logprobs
+
+    device = next(model.parameters()).device
+    length = max(len(p) + len(r) for p, r, _ in rows)
+    ids = torch.full((len(rows), length), pad_token_id, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    targets = torch.full_like(ids, -100)
+    for i, (p, r, _) in enumerate(rows):
+        ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+        mask[i, : len(p) + len(r)] = 1
+        targets[i, len(p) : len(p) + len(r)] = torch.tensor(r)
+    images = {k: torch.cat([im[k] for _, _, im in rows]).to(device) for k in rows[0][2]}
+    prompt_lengths = torch.tensor([len(p) for p, _, _ in rows], device=device)  # PaliGemma's prefix
+    hidden = adapter.hidden_states(model, ids.to(device), mask.to(device), images, prompt_lengths=prompt_lengths)
+    weight, bias = adapter.head(model)
+    # hidden state t predicts token t + 1
+    return fused_linear_logprobs(hidden[:, :-1].contiguous(), weight, targets[:, 1:].contiguous().to(device), bias=bias)
 
 
 class ModelScorer:
@@ -85,31 +118,11 @@ class ModelScorer:
 
     @torch.no_grad()
     def __call__(self, requests: Sequence[ScoreRequest]) -> list[float]:
-        from firempo_kernels import fused_linear_logprobs
-
         scores: list[float] = []
-        device = next(self.model.parameters()).device
         pad = self.prompts.tokenizer.pad_token_id or 0
         chunks = [requests[i : i + self.batch_size] for i in range(0, len(requests), self.batch_size)]
         for chunk in progress(chunks, total=len(chunks), desc="scoring answers", unit="batch"):
-            rows = [self._rows(r) for r in chunk]
-            length = max(len(p) + len(r) for p, r, _ in rows)
-            ids = torch.full((len(rows), length), pad, dtype=torch.int64)
-            mask = torch.zeros_like(ids)
-            targets = torch.full_like(ids, -100)
-            for i, (p, r, _) in enumerate(rows):
-                ids[i, : len(p) + len(r)] = torch.tensor(p + r)
-                mask[i, : len(p) + len(r)] = 1
-                targets[i, len(p) : len(p) + len(r)] = torch.tensor(r)
-            images = {k: torch.cat([im[k] for _, _, im in rows]).to(device) for k in rows[0][2]}
-            prompt_lengths = torch.tensor([len(p) for p, _, _ in rows], device=device)  # PaliGemma's prefix
-            hidden = self.adapter.hidden_states(self.model, ids.to(device), mask.to(device), images,
-                                                prompt_lengths=prompt_lengths)
-            weight, bias = self.adapter.head(self.model)
-            # hidden state t predicts token t + 1
-            logp = fused_linear_logprobs(
-                hidden[:, :-1].contiguous(), weight, targets[:, 1:].contiguous().to(device), bias=bias
-            )
+            logp = response_token_logprobs(self.model, self.adapter, [self._rows(r) for r in chunk], pad)
             scores += logp.sum(dim=1).double().cpu().tolist()
         return scores
 
