@@ -300,6 +300,45 @@ def load_preference_records(
     return _load(path, True, on_error, check_files)  # type: ignore[return-value]
 
 
+def qa_records_from_json(
+    objects: Sequence[Any],
+    base: str | os.PathLike,
+    *,
+    source: str,
+    check_files: bool = True,
+    problems: Sequence[RecordProblem] = (),
+) -> list[QARecord]:
+    """Question records from JSON objects built in memory (an importer's output), with the file loader's checks.
+
+    Args:
+        objects: one dict per record, in the JSONL format of the module docstring.
+        base: the folder relative paths are taken from.
+        source: what the objects come from, named in the error.
+        check_files: decode each image and mask (existence, readability, matching sizes, boxes inside).
+        problems: problems the caller found already; they are reported with these checks' ones, in one error.
+
+    Raises:
+        RecordValidationError: listing every problem (the given ones first), when there is any.
+    """
+    found = list(problems)
+    records: list[QARecord] = []
+    seen: set[str] = set()
+    base = Path(base)
+    for raw in objects:
+        rec, errs = _check_record(raw, base, False, check_files)
+        rid = raw.get("id") if isinstance(raw, dict) else None
+        rid = str(rid) if isinstance(rid, (str, int)) and not isinstance(rid, bool) else None
+        if rid is not None and rid in seen:
+            errs, rec = errs + ["duplicate id"], None
+        seen.add(rid)
+        found += [RecordProblem(0, rid, m) for m in errs]
+        if rec is not None:
+            records.append(rec)
+    if found:
+        raise RecordValidationError(source, found)
+    return records
+
+
 def record_to_json(record: QARecord, base: str | os.PathLike | None = None) -> dict[str, Any]:
     """The JSON object of ``record``; paths are written relative to ``base`` when given (and below it)."""
 
@@ -358,6 +397,7 @@ __all__ = [
     "as_preference",
     "load_preference_records",
     "load_qa_records",
+    "qa_records_from_json",
     "record_to_json",
     "write_records",
 ]
