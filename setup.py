@@ -43,6 +43,7 @@ setup(
         "hf": [
             "transformers>=4.57", "pillow", "safetensors", "tokenizers", "trl>=1.16", "datasets>=4.7",
             "opencv-python-headless>=4.8",  # inpainting of lesion-corrupted images (data.corrupt, mode inpaint)
+            "num2words",  # SmolVLM's processor refuses to start without it
         ],
         "deepspeed": ["deepspeed>=0.16", "pyyaml", "tqdm"],
         "peft": ["peft"],
