@@ -72,6 +72,8 @@ FAMILIES: dict[str, tuple[str, dict[str, list[str]]]] = {
     "qwen3_5": ("Qwen3_5ForConditionalGeneration", _new("qwen3_5")),
     "internvl": ("InternVLForConditionalGeneration", _new("internvl")),
     "gemma4": ("Gemma4ForConditionalGeneration", _new("gemma4")),
+    "mistral3": ("Mistral3ForConditionalGeneration, Pixtral vision", _new("mistral3")),
+    "smolvlm": ("SmolVLMForConditionalGeneration", _new("smolvlm")),
 }
 FAMILIES["qwen2_5_vl"][1]["precomputed reference"] = ["test_trl_trainer.py::test_precomputed_reference_equals_live"]
 FAMILIES["qwen2_vl"][1]["ZeRO-3"] = [  # smoke.yaml's family
@@ -88,9 +90,10 @@ NOTES = [
     "real position of right-padded rows with images, and the fused loss and its gradients equal the float64 "
     "loss of those logits.",
     "trains: FiReMPOTrainer, 2 steps with clean and corrupted images, every metric logged (new families: from a "
-    "folder saved with save_pretrained and loaded with AutoModelForImageTextToText / AutoProcessor, except "
-    "llava_onevision, qwen3_5, internvl and gemma4, whose stock processors need torchvision for their video "
-    "part).",
+    "folder saved with save_pretrained and loaded with AutoModelForImageTextToText / AutoProcessor; the processor "
+    "is handed to the trainer for llava_onevision, qwen3_5, internvl, gemma4 and smolvlm, whose stock processors "
+    "need torchvision for their video part, and for mistral3, whose PixtralProcessor imports torchvision: its "
+    "tiny processor is a class of this project writing Pixtral's image prompt).",
     "packed: packed equals unpacked hidden states (1e-5) and loss and gradients; qwen3_5 runs unpacked "
     "(gated-delta-net layers carry state along the row), said once in the log.",
     "ZeRO-3: 2 CPU ranks equal one process (loss per step and weights, 1e-5); run for one Qwen-VL family, for "

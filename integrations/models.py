@@ -9,7 +9,8 @@ inner module returns those hidden states and which per-token vision inputs that 
     weight, bias = adapter.head(model)                 # [V, d], [V] or None
 
 Registered (matched by class name, so a transformers release without one of them is fine): Llava,
-Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3 (MedGemma) and PaliGemma (1 and 2), all through one
+LlavaNext, LlavaOnevision, InternVL, Mistral 3, Idefics3, SmolVLM, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5,
+Gemma 3 (MedGemma), Gemma 4 and PaliGemma (1 and 2), all through one
 :class:`ImageTextAdapter` whose per-family differences are a few class attributes and hooks (docs/families.md);
 as a fallback, any text model with ``get_output_embeddings()`` whose backbone returns ``last_hidden_state``.
 To support another class, subclass :class:`ImageTextAdapter` (or :class:`ModelAdapter`) and decorate it with
@@ -349,18 +350,20 @@ class ImageTextAdapter(ModelAdapter):
     "LlavaNextForConditionalGeneration",
     "LlavaOnevisionForConditionalGeneration",
     "InternVLForConditionalGeneration",
+    "Mistral3ForConditionalGeneration",
 )
 class LlavaAdapter(ImageTextAdapter):
     """Llava and its kin: ``model.model`` merges the projected image features into the placeholder tokens,
     and every input is the processor's as it is. LlavaNext and LlavaOnevision take their anyres tiles as
     ``pixel_values`` [images, tiles, C, H, W] with ``image_sizes`` (and OneVision's ``batch_num_images``);
-    InternVL its tiles as ``pixel_values`` [tiles of all images, C, H, W]."""
+    InternVL its tiles as ``pixel_values`` [tiles of all images, C, H, W]; Mistral 3 (Pixtral vision) each
+    image as ``pixel_values`` [images, C, H, W] zero-padded to the largest, its size in ``image_sizes``."""
 
 
-@register_adapter("Idefics3ForConditionalGeneration")
+@register_adapter("Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 class Idefics3Adapter(ImageTextAdapter):
-    """Idefics3: ``pixel_values`` [rows, images, C, H, W] (the sub-images of a split image and its
-    global image; an all-zero image means none) with ``pixel_attention_mask`` [rows, images, H, W]."""
+    """Idefics3 and SmolVLM: ``pixel_values`` [rows, images, C, H, W] (the sub-images of a split image and
+    its global image; an all-zero image means none) with ``pixel_attention_mask`` [rows, images, H, W]."""
 
 
 @register_adapter(

@@ -23,7 +23,7 @@ __all__ = [
 ]
 
 TINY_FAMILIES = ("llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2",
-                 "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl", "gemma4")
+                 "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl", "gemma4", "mistral3", "smolvlm")
 """Families :func:`tiny_model` and :func:`tiny_processor` build. ``paligemma2`` is PaliGemma on a Gemma 2
 language model, whose config sets ``final_logit_softcapping`` (a soft-capped model)."""
 
@@ -133,13 +133,26 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
             vision_config=vision, text_config=dict(model_type="qwen2", **text), image_token_id=special["image_token_id"],
             image_seq_length=4, downsample_ratio=0.5, tie_word_embeddings=tie_word_embeddings,
         )
-    if family == "idefics3":
+    if family in ("idefics3", "smolvlm"):
         # 4-pixel patches, pixel-shuffled 2 x 2: 4 tokens per (sub-)image of 16 x 16
-        vision = dict(model_type="idefics3_vision", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        vision = dict(model_type=f"{family}_vision", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                       num_hidden_layers=num_layers, num_attention_heads=4, image_size=16, patch_size=4)
-        return transformers.Idefics3Config(
+        cls = transformers.Idefics3Config if family == "idefics3" else transformers.SmolVLMConfig
+        return cls(
             vision_config=vision, text_config=dict(model_type="llama", **text), scale_factor=2,
             image_token_id=special["image_token_id"], pad_token_id=special["pad_token_id"],
+            tie_word_embeddings=tie_word_embeddings,
+        )
+    if family == "mistral3":
+        # Pixtral: 4-pixel patches merged 2 x 2, images kept at their aspect ratio up to 32 pixels a side; a
+        # 16 x 16 image is 2 rows of 2 tokens, each row closed by [IMG_BREAK], the last by [IMG_END].
+        vision = dict(model_type="pixtral", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=num_layers, num_attention_heads=4, head_dim=hidden_size // 4,
+                      image_size=32, patch_size=4)
+        return transformers.Mistral3Config(
+            vision_config=vision, text_config=dict(model_type="mistral", head_dim=hidden_size // 4,
+                                                   sliding_window=None, **text),
+            image_token_index=special["image_token_id"], spatial_merge_size=2, vision_feature_layer=-1,
             tie_word_embeddings=tie_word_embeddings,
         )
     if family == "llava":
@@ -228,6 +241,8 @@ def tiny_model(
         "qwen3_5": getattr(transformers, "Qwen3_5ForConditionalGeneration", None),
         "internvl": transformers.InternVLForConditionalGeneration,
         "gemma4": getattr(transformers, "Gemma4ForConditionalGeneration", None),
+        "mistral3": transformers.Mistral3ForConditionalGeneration,
+        "smolvlm": transformers.SmolVLMForConditionalGeneration,
     }[family]
     if family == "paligemma2" and attn_implementation == "sdpa":
         attn_implementation = "eager"  # Gemma 2 soft-caps its attention scores, which sdpa cannot
@@ -408,7 +423,11 @@ _PLACEHOLDERS = {
                   # the tiles of a split image (at most 2 x 2 here)
                   **{f"row_{r}_col_{c}": (f"<row_{r}_col_{c}>", f"reserved_{2 * r + c + 2}")
                      for r in (1, 2) for c in (1, 2)}}, "<image>"),
+    "mistral3": ({"image_token": ("[IMG]", "image_token_id"),
+                  "image_break_token": ("[IMG_BREAK]", "vision_start_token_id"),
+                  "image_end_token": ("[IMG_END]", "vision_end_token_id")}, "[IMG]"),
 }
+_PLACEHOLDERS["smolvlm"] = _PLACEHOLDERS["idefics3"]
 _TINY_IMAGE_SIZE = 16  # pixels: what the tiny vision towers of tiny_config take (4 image tokens)
 
 
@@ -473,7 +492,7 @@ def _tiny_tokenizer(family: str, vocab_size: int):
 
 _TINY_CLASS_NAMES = ("TinyQwenVLImageProcessor", "TinyQwen2VLProcessor", "TinyQwen2_5_VLProcessor",
                      "TinyQwen3VLProcessor", "TinyLlavaOnevisionProcessor", "TinyInternVLProcessor",
-                     "TinyGemma4Processor")
+                     "TinyGemma4Processor", "TinySmolVLMProcessor", "TinyPixtralProcessor")
 
 
 def _build_tiny_classes() -> None:
@@ -539,9 +558,45 @@ def _build_tiny_classes() -> None:
             ProcessorMixin.__init__(self, image_processor=image_processor, tokenizer=tokenizer,
                                     chat_template=chat_template, **kwargs)
 
+    class TinySmolVLMProcessor(images_only(transformers.SmolVLMProcessor)):
+        __doc__ = images_only(transformers.SmolVLMProcessor).__doc__
+
+        def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+            """The stock template rendering without the video defaults (frames, fps) the stock one reads
+            from its video processor, which this processor lacks."""
+            return ProcessorMixin.apply_chat_template(self, conversation, chat_template, **kwargs)
+
+    class TinyPixtralProcessor(ProcessorMixin):
+        """Mistral 3's image prompt as ``PixtralProcessor`` writes it, a class of its own because transformers'
+        ``PixtralProcessor`` module imports torchvision. An image resized to ``h x w`` pixels (multiples of
+        ``s`` = patch_size x spatial_merge_size) becomes ``h / s`` rows of ``w / s`` ``[IMG]`` tokens, each row
+        closed by ``[IMG_BREAK]``, the last by ``[IMG_END]``; the model gets ``pixel_values`` (zero-padded to the
+        batch's largest image) and ``image_sizes``."""
+
+        def __init__(self, image_processor=None, tokenizer=None, patch_size: int = 16, spatial_merge_size: int = 1,
+                     chat_template=None, **kwargs):
+            self.patch_size, self.spatial_merge_size = patch_size, spatial_merge_size
+            self.image_token = tokenizer.image_token
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.image_break_token, self.image_end_token = tokenizer.image_break_token, tokenizer.image_end_token
+            super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+        def _process_images(self, images, **kwargs):
+            # the image processor rounds sizes to whole merged tokens, not to single patches
+            kwargs["patch_size"] = self.patch_size * self.spatial_merge_size
+            return super()._process_images(images, **kwargs)
+
+        def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+            step = self.patch_size * self.spatial_merge_size
+            height, width = (int(x) for x in image_inputs["image_sizes"][image_idx])
+            row = self.image_token * (width // step)
+            return (row + self.image_break_token) * (height // step - 1) + row + self.image_end_token
+
     classes = {
         "TinyQwenVLImageProcessor": TinyQwenVLImageProcessor,
         "TinyGemma4Processor": TinyGemma4Processor,
+        "TinySmolVLMProcessor": TinySmolVLMProcessor,
+        "TinyPixtralProcessor": TinyPixtralProcessor,
         "TinyQwen2VLProcessor": images_only(transformers.Qwen2VLProcessor),
         "TinyQwen2_5_VLProcessor": images_only(transformers.Qwen2_5_VLProcessor),
         "TinyLlavaOnevisionProcessor": images_only(transformers.LlavaOnevisionProcessor),
@@ -699,6 +754,24 @@ def tiny_processor(family: str, *, vocab_size: int = 128):
         return transformers.Idefics3Processor(
             image_processor=images, tokenizer=tok, chat_template=tok.chat_template,
             image_seq_len=(v.image_size // v.patch_size) ** 2 // config.scale_factor**2)
+    if family == "smolvlm":
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+        # as Idefics3: a 16 x 32 image becomes two 16 x 16 tiles and a global image
+        images = SmolVLMImageProcessorPil(size={"longest_edge": 2 * v.image_size},
+                                          max_image_size={"longest_edge": v.image_size}, image_mean=half,
+                                          image_std=half)
+        return __getattr__("TinySmolVLMProcessor")(
+            image_processor=images, tokenizer=tok, chat_template=tok.chat_template,
+            image_seq_len=(v.image_size // v.patch_size) ** 2 // config.scale_factor**2)
+    if family == "mistral3":
+        from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+        images = PixtralImageProcessorPil(size={"longest_edge": v.image_size}, patch_size=v.patch_size,
+                                          image_mean=half, image_std=half)
+        return __getattr__("TinyPixtralProcessor")(
+            image_processor=images, tokenizer=tok, patch_size=v.patch_size,
+            spatial_merge_size=config.spatial_merge_size, chat_template=tok.chat_template)
     if family == "qwen3_vl" and not hasattr(transformers, "Qwen3VLProcessor"):
         raise ValueError("tiny_processor: this transformers release has no Qwen3-VL")
     side = v.patch_size * v.spatial_merge_size * 2  # a (1, 2m, 2m) grid merged m x m: 4 tokens

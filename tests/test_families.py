@@ -30,17 +30,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 FAMILIES = ["gemma3", "paligemma", "paligemma2", "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl",
-            "gemma4"]
+            "gemma4", "mistral3", "smolvlm"]
 #: families whose processor takes rows without an image (PaliGemma's refuses them)
-TEXT_ONLY = ["gemma3", "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl", "gemma4"]
-#: families whose saved processor loads back through AutoProcessor here; LlavaOnevision's, Qwen3.5's and
-#: InternVL's stock processors hold a video processor, which needs torchvision (not installed), so their tiny ones are
-#: images-only subclasses
+TEXT_ONLY = ["gemma3", "llava_next", "llava_onevision", "idefics3", "qwen3_5", "internvl", "gemma4", "mistral3",
+             "smolvlm"]
+#: families whose saved processor loads back through AutoProcessor here; LlavaOnevision's, Qwen3.5's, InternVL's,
+#: Gemma 4's and SmolVLM's stock processors hold a video processor, which needs torchvision (not installed), so
+#: their tiny ones are images-only subclasses; Mistral 3's PixtralProcessor imports torchvision, so its tiny one
+#: is a class of its own
 RELOADS = ["gemma3", "paligemma", "paligemma2", "llava_next", "idefics3"]
 #: the adapter each family must get
 ADAPTER = {"gemma3": "Gemma3Adapter", "paligemma": "PaliGemmaAdapter", "paligemma2": "PaliGemmaAdapter",
            "llava_next": "LlavaAdapter", "llava_onevision": "LlavaAdapter", "idefics3": "Idefics3Adapter",
-           "qwen3_5": "QwenVLAdapter", "internvl": "LlavaAdapter", "gemma4": "Gemma4Adapter"}
+           "qwen3_5": "QwenVLAdapter", "internvl": "LlavaAdapter", "gemma4": "Gemma4Adapter",
+           "mistral3": "LlavaAdapter", "smolvlm": "Idefics3Adapter"}
 IGNORE = -100
 
 

@@ -21,7 +21,7 @@ from firempo_kernels.integrations.smoke import synthetic_rows, tiny_model, tiny_
 from firempo_kernels.integrations.trl import FiReMPOCollator
 
 FAMILIES = ["llama", "llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "paligemma", "paligemma2", "llava_next",
-            "llava_onevision", "idefics3", "internvl", "gemma4"]
+            "llava_onevision", "idefics3", "internvl", "gemma4", "mistral3", "smolvlm"]
 
 
 def mixed_batch(family: str, seed: int):

@@ -175,14 +175,17 @@ def test_the_projects_preference_dataset_takes_a_tiny_processor(family, tmp_path
 
 
 # The families served through ImageTextAdapter: each tiny processor is the family's own class (or, where the
-# stock class holds a video processor, which needs torchvision, an images-only subclass of it).
+# stock class holds a video processor, which needs torchvision, an images-only subclass of it; Mistral 3's
+# PixtralProcessor cannot be imported without torchvision: a class of its own, None here).
 IMAGE_PLACEHOLDER = {"gemma3": "<image_soft_token>", "gemma4": "<|image|>", "paligemma": "<image>",
                      "paligemma2": "<image>", "llava_next": "<image>", "llava_onevision": "<image>",
-                     "idefics3": "<image>", "qwen3_5": "<|image_pad|>", "internvl": "<IMG_CONTEXT>"}
+                     "idefics3": "<image>", "qwen3_5": "<|image_pad|>", "internvl": "<IMG_CONTEXT>",
+                     "mistral3": "[IMG]", "smolvlm": "<image>"}
 STOCK_CLASS = {"gemma3": "Gemma3Processor", "gemma4": "Gemma4Processor", "paligemma": "PaliGemmaProcessor",
                "paligemma2": "PaliGemmaProcessor", "llava_next": "LlavaNextProcessor",
                "llava_onevision": "LlavaOnevisionProcessor", "idefics3": "Idefics3Processor",
-               "qwen3_5": "Qwen3VLProcessor", "internvl": "InternVLProcessor"}
+               "qwen3_5": "Qwen3VLProcessor", "internvl": "InternVLProcessor", "mistral3": None,
+               "smolvlm": "SmolVLMProcessor"}
 RELOADS = ("gemma3", "paligemma", "paligemma2", "llava_next", "idefics3")
 
 
@@ -191,8 +194,11 @@ def test_the_other_families_processors(family, tmp_path, one_thread):
     import transformers
 
     proc = tiny_processor(family)
-    assert isinstance(proc, getattr(transformers, STOCK_CLASS[family]))
-    assert (type(proc).__name__ == STOCK_CLASS[family]) == (family in RELOADS)
+    if STOCK_CLASS[family] is None:
+        assert type(proc).__name__ == "TinyPixtralProcessor"
+    else:
+        assert isinstance(proc, getattr(transformers, STOCK_CLASS[family]))
+        assert (type(proc).__name__ == STOCK_CLASS[family]) == (family in RELOADS)
     tok, config = proc.tokenizer, tiny_config(family)
     assert tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER[family]) == config.image_token_id == 127
     from firempo_kernels.integrations.data.synthetic import vocabulary
@@ -212,3 +218,23 @@ def test_the_other_families_processors(family, tmp_path, one_thread):
         assert type(loaded) is type(proc)
         back = loaded(text=[prompt], images=[[_image(24, 16, 4)]], return_tensors="pt")
         assert back.keys() == out.keys() and all(torch.equal(back[k], out[k]) for k in out)
+
+
+def test_the_mistral3_prompt_is_pixtrals_layout(one_thread):
+    """Pixtral's layout, written here from its description: an image resized to H x W pixels (at most 32 a
+    side, multiples of 8: 4-pixel patches merged 2 x 2) is H / 8 rows of W / 8 [IMG] tokens, each row closed
+    by [IMG_BREAK], the last by [IMG_END]; pixel_values hold the resized image, image_sizes its size."""
+    proc = tiny_processor("mistral3")
+    tok = proc.tokenizer
+    img, brk, end = (tok.convert_tokens_to_ids(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
+    assert (img, brk, end) == (127, 125, 124)  # tiny_config's image id; the others are ordinary tokens
+    seen = set()
+    for width, height in ((16, 16), (32, 16), (16, 32), (40, 24), (8, 8)):
+        out = proc(text=["[IMG] Where"], images=[[_image(width, height, 5)]], return_tensors="pt")
+        rows, cols = (int(x) // 8 for x in out["image_sizes"][0])
+        assert 8 * max(rows, cols) <= 32 and out["pixel_values"].shape[-2:] == (8 * rows, 8 * cols)
+        expected = ([img] * cols + [brk]) * rows
+        expected[-1] = end
+        assert out["input_ids"][0].tolist() == expected + [tok.convert_tokens_to_ids("Where")]
+        seen.add((rows, cols))
+    assert {(2, 2), (2, 4), (4, 2), (1, 1)} <= seen
