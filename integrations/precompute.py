@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,56 @@ from .forward import block_targets
 from .models import get_adapter, unwrap_model
 from .reference import AdaptersDisabledReference, Head, Reference, as_reference, is_peft_model, whole_head
 
-__all__ = ["PrecomputedReferenceStore", "ReferenceShardWriter", "precompute_reference", "STORE_FORMAT"]
+__all__ = ["PrecomputedReferenceStore", "ReferenceShardWriter", "precompute_reference", "STORE_FORMAT", "store_files"]
 
 STORE_FORMAT = 2  # 2: the store records the model it was built from and each example's content hash
 _INDEX = "index.json"
 _HEAD = "reference_head.safetensors"
+# Every file a build writes (the index, each rank's index part, the head, the shards, their temporaries).
+_NAMES = r"(?:index\.json|index-r\d{3}\.json|reference_head\.safetensors|reference-r\d{3}-\d{5}\.safetensors)"
+_STORE_FILE = re.compile(rf"^(?:{_NAMES}|\.{_NAMES}(?:\.\w+)?\.tmp)$")
+
+
+def store_files(directory: str | os.PathLike) -> list[Path]:
+    """The files of a reference store (complete or cut short) in ``directory``; [] when there are none or no
+    such folder. Other files in the folder are not the store's."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_file() and _STORE_FILE.match(p.name))
+
+
+def _describe_store(directory: Path) -> str:
+    """What the store in ``directory`` holds, for a message: its source model and size, or that it is unfinished."""
+    try:
+        with open(directory / _INDEX, encoding="utf-8") as f:
+            meta = json.load(f)["metadata"]
+        source = meta.get("source", {})
+        return (f"a reference store of {meta.get('num_examples')} example(s) built from "
+                f"{source.get('model_class', 'an unrecorded model')} (config {source.get('config')})")
+    except FileNotFoundError:
+        return "an unfinished reference store (shards without index.json: a build that was cut short)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"a reference store whose index.json is unreadable ({e})"
+
+
+def _claim_directory(directory: Path, overwrite: bool, rank: int, world_size: int) -> None:
+    """Refuse to build into a folder that holds a store, unless ``overwrite``: then the old store's files (and
+    only those) are removed by rank 0, after every rank has looked and before any rank writes."""
+    found = store_files(directory)
+    if found and not overwrite:
+        raise FileExistsError(
+            f"precompute_reference: {directory} already holds {_describe_store(directory)}; a store is never "
+            "rebuilt over silently. Choose another directory, or replace it explicitly (overwrite=True; "
+            "firempo-train: overwrite_precomputed_reference)"
+        )
+    if world_size > 1:
+        torch.distributed.barrier()
+    if found and rank == 0:
+        for path in found:
+            path.unlink(missing_ok=True)
+    if world_size > 1:
+        torch.distributed.barrier()
 
 
 def _key(example_id: str, name: str) -> str:
@@ -196,6 +242,7 @@ def precompute_reference(
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
     shared_prefix: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Run the reference over ``batches`` and store what the loss needs, per example.
 
@@ -214,10 +261,14 @@ def precompute_reference(
         shard_bytes, progress: shard size; a rank-0 progress bar.
         metadata: extra JSON-able facts to record in the index.
         shared_prefix: the two rows of an example share their prompt's forward (:mod:`.packing`).
+        overwrite: replace a store already in ``directory`` (its files only); without it such a folder is
+            refused (``FileExistsError`` naming what it holds) and left as it was.
 
     Returns:
         The store directory.
     """
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"precompute_reference: `overwrite` must be a bool; got {overwrite!r}")
     if isinstance(reference, nn.Module):
         policy = reference
         reference = AdaptersDisabledReference() if is_peft_model(reference) else as_reference(reference)
@@ -234,6 +285,7 @@ def precompute_reference(
     capped = {} if cap is None else {"softcap": cap}
     device = torch.device(device) if device is not None else weight.device
     directory = Path(directory)
+    _claim_directory(directory, overwrite, rank, world_size)
     writer = ReferenceShardWriter(directory, rank, shard_bytes)
     iterator = batches
     if progress and rank == 0:
@@ -312,34 +364,41 @@ class PrecomputedReferenceStore:
     def __contains__(self, example_id: object) -> bool:
         return example_id in self._shard_of
 
+    def setting_mismatches(self, *, temperature: float, ignore_index: int, needs_hidden: bool,
+                           needs_corrupted: bool) -> list[str]:
+        """What keeps the store from serving a loss with these settings, one phrase each ([] when it can)."""
+        meta, found = self.metadata, []
+        if meta["temperature"] != float(temperature) or meta["ignore_index"] != ignore_index:
+            found.append(f"settings (built with temperature={meta['temperature']}, ignore_index={meta['ignore_index']}; "
+                         f"the loss has temperature={temperature}, ignore_index={ignore_index})")
+        if needs_hidden and not meta["keep_hidden"]:
+            found.append("settings (the loss has alpha > 0, a token KL, but the store kept no hidden states)")
+        if needs_corrupted and not meta["include_corrupted"]:
+            found.append("settings (the loss has gamma > 0, a visual term, but the store has no (v', .) blocks)")
+        return found
+
     def check_compatible(self, *, temperature: float, ignore_index: int, needs_hidden: bool,
                          needs_corrupted: bool) -> None:
         """Raise ``ValueError`` if the store cannot serve a loss with these settings."""
-        meta, where = self.metadata, f"PrecomputedReferenceStore({self.directory})"
-        if meta["temperature"] != float(temperature) or meta["ignore_index"] != ignore_index:
-            raise ValueError(
-                f"{where}: built with temperature={meta['temperature']}, ignore_index={meta['ignore_index']}; "
-                f"the loss has temperature={temperature}, ignore_index={ignore_index}"
-            )
-        if needs_hidden and not meta["keep_hidden"]:
-            raise ValueError(f"{where}: the loss has alpha > 0 (token KL) but the store kept no hidden states")
-        if needs_corrupted and not meta["include_corrupted"]:
-            raise ValueError(f"{where}: the loss has gamma > 0 (visual term) but the store has no (v', .) blocks")
+        found = self.setting_mismatches(temperature=temperature, ignore_index=ignore_index, needs_hidden=needs_hidden,
+                                        needs_corrupted=needs_corrupted)
+        if found:
+            raise ValueError(f"PrecomputedReferenceStore({self.directory}): {'; '.join(found)}")
 
-    def check_source(self, reference: Reference, model: nn.Module) -> None:
-        """Raise ``ValueError`` naming what differs if the store was not built by the model that computes
-        ``reference`` (run with ``model`` as :func:`precompute_reference` runs it): its class, its config, its
-        head's weights."""
+    def source_mismatches(self, reference: Reference, model: nn.Module) -> list[str]:
+        """What differs between the model the store was built from and the one that computes ``reference`` (run
+        with ``model`` as :func:`precompute_reference` runs it): its class, its config, its head's weights."""
         built = self.metadata.get("source", {})
         now = reference_fingerprint(*_reference_source(reference, model))
         names = {"model_class": "model class", "config": "model config", "head": "output head weights"}
-        differ = [f"{names[k]} ({built.get(k)} when built, {now[k]} now)" for k in now if built.get(k) != now[k]]
-        if differ:
-            raise ValueError(
-                f"PrecomputedReferenceStore({self.directory}): built from another reference model: "
-                f"{'; '.join(differ)}. Rebuild it (remove the folder, or firempo-train --precompute-reference) "
-                "or point reference.precomputed_dir elsewhere"
-            )
+        return [f"{names[k]} ({built.get(k)} when built, {now[k]} now)" for k in now if built.get(k) != now[k]]
+
+    def data_mismatches(self, example_ids: Sequence[str]) -> list[str]:
+        """The examples of ``example_ids`` the store has no reference for, as one phrase ([] when it has all)."""
+        missing = [i for i in example_ids if i not in self._shard_of]
+        if not missing:
+            return []
+        return [f"data ({len(missing)} of {len(example_ids)} example(s) are not in it, first {missing[:3]})"]
 
     def head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The reference head ``(weight [V, d'], bias [V] or None)`` on the CPU (stored with the hidden states)."""

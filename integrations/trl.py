@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
 from collections import defaultdict
@@ -73,7 +74,8 @@ class FiReMPOConfig(DPOConfig):
     ``reference_mode`` = ``auto`` (``ref_model`` when given; adapters disabled for a peft policy; the
     precomputed store when ``precompute_ref_log_probs``; else a frozen copy of the policy), ``model``,
     ``adapters_disabled`` or ``precomputed`` (a store in ``precomputed_reference_dir``, default
-    ``<output_dir>/reference``, built before training when missing).
+    ``<output_dir>/reference``, built before training when missing; a store there that another model, head,
+    data or loss setting built is refused, and rebuilt only with ``overwrite_precomputed_reference``).
     """
 
     preset: str = field(default="firempo", metadata={"help": "firempo | rrpo | mask_dpo | dpo"})
@@ -85,6 +87,11 @@ class FiReMPOConfig(DPOConfig):
     precomputed_reference_dir: str | None = field(
         default=None, metadata={"help": "store of the precomputed reference (default <output_dir>/reference)"}
     )
+    overwrite_precomputed_reference: bool = field(
+        default=False,
+        metadata={"help": "rebuild a precomputed store that does not match this run (another model, head, data or "
+                          "settings) in place; without it such a store is refused and kept"},
+    )
     shared_prefix: bool = field(
         default=True,
         metadata={"help": "chosen and rejected rows share the forward of their common prefix (image and question); "
@@ -93,8 +100,9 @@ class FiReMPOConfig(DPOConfig):
 
     def __post_init__(self) -> None:
         where = "FiReMPOConfig"
-        if not isinstance(self.shared_prefix, bool):
-            raise TypeError(f"{where}: `shared_prefix` must be a bool; got {self.shared_prefix!r}")
+        for name in ("shared_prefix", "overwrite_precomputed_reference"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{where}: `{name}` must be a bool; got {getattr(self, name)!r}")
         if self.preset not in PRESETS:
             raise ValueError(f"{where}: `preset` must be one of {PRESETS}; got {self.preset!r}")
         values = {**_DEFAULTS, **LOSS_PRESETS[self.preset]}
@@ -380,10 +388,8 @@ class FiReMPOTrainer(DPOTrainer):
         if self.ref_model is not None:
             add_firempo_forward(self.ref_model)
         if self.reference_mode == "precomputed":
-            for split, part in (("train", train_dataset), ("eval", eval_dataset)):
-                for name, dataset in (part.items() if isinstance(part, Mapping) else [(split, part)]):
-                    if dataset is not None:
-                        self._build_store(dataset, name)
+            self._build_store([dataset for part in (train_dataset, eval_dataset) if part is not None
+                               for dataset in (part.values() if isinstance(part, Mapping) else [part])])
             self.ref_model = None  # a reference model only served the reference pass
         self.reference: Reference = self._build_reference()
 
@@ -434,27 +440,37 @@ class FiReMPOTrainer(DPOTrainer):
         )
         return store
 
-    def _build_store(self, dataset: Any, name: str) -> None:
-        """Build the precomputed reference store for ``dataset`` before training, or check that the one there
-        covers it (the store is keyed by example id)."""
+    def _build_store(self, datasets: list[Any]) -> None:
+        """Build the precomputed reference store of ``datasets`` (one store for all) before training, or check
+        that the one there serves them: every example in it, built by this run's reference model and head, for
+        this loss's settings. A store that does not is refused by name, or replaced with
+        ``overwrite_precomputed_reference``; an unfinished one needs that flag too."""
         from .precompute import PrecomputedReferenceStore, precompute_reference
 
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_train_batch_size
         directory = self.precomputed_reference_dir
-        ids = [example_id(row) for row in _text_rows(dataset)]
+        overwrite = self.args.overwrite_precomputed_reference
         if (directory / "index.json").is_file():
-            store = PrecomputedReferenceStore(directory)
-            missing = [i for i in ids if i not in store]
-            if missing:
+            try:
+                store = PrecomputedReferenceStore(directory)
+            except ValueError as e:  # another format
+                problems = [str(e)]
+            else:
+                problems = [
+                    *store.data_mismatches([example_id(row) for ds in datasets for row in _text_rows(ds)]),
+                    *store.source_mismatches(*self._live_reference()),
+                    *store.setting_mismatches(
+                        temperature=self.loss_fn.temperature, ignore_index=self.loss_fn.ignore_index,
+                        needs_hidden=self.loss_fn.needs_reference_hidden, needs_corrupted=self._corrupted_pass),
+                ]
+            if not problems:
+                return
+            if not overwrite:
                 raise ValueError(
-                    f"FiReMPOTrainer: the precomputed reference in {directory} has no entry for {len(missing)} "
-                    f"example(s) of the {name} dataset (first: {missing[:3]}); it was built from other data. Remove "
-                    "it to rebuild, or set precomputed_reference_dir"
+                    f"FiReMPOTrainer: the precomputed reference in {directory} was built for another run: "
+                    f"{'; '.join(problems)}. It is kept as it is: set precomputed_reference_dir to another folder, "
+                    "or rebuild it in place with overwrite_precomputed_reference=True"
                 )
-            # The model that would have built it must be the one that did (each example's content is checked
-            # when its batch looks the reference up).
-            store.check_source(*self._live_reference())
-            return
         reference, model = self._live_reference()
         if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for p in unwrap_model(model).parameters()):
             # ZeRO-3 partitioned the weights when the model was built: run the pass through an inference
@@ -465,19 +481,18 @@ class FiReMPOTrainer(DPOTrainer):
             if reference.mode == "model":
                 reference = FrozenModelReference(model)
         collator = self.data_collator
-        sampler = torch.utils.data.distributed.DistributedSampler(
-            range(len(dataset)), num_replicas=self.accelerator.num_processes, rank=self.accelerator.process_index,
-            shuffle=False,
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=sampler, collate_fn=lambda rows: collator(rows)["batch"],
-        )
+        loaders = [torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, collate_fn=lambda rows: collator(rows)["batch"],
+            sampler=torch.utils.data.distributed.DistributedSampler(
+                range(len(dataset)), num_replicas=self.accelerator.num_processes,
+                rank=self.accelerator.process_index, shuffle=False),
+        ) for dataset in datasets]
         device = self.accelerator.device
         if not self.is_deepspeed_enabled:
             unwrap_model(model).to(device)
         precompute_reference(
-            reference, loader, directory, policy=model, temperature=self.loss_fn.temperature,
-            ignore_index=self.loss_fn.ignore_index, keep_hidden=self.loss_fn.needs_reference_hidden,
+            reference, itertools.chain(*loaders), directory, policy=model, overwrite=overwrite,
+            temperature=self.loss_fn.temperature, ignore_index=self.loss_fn.ignore_index, keep_hidden=self.loss_fn.needs_reference_hidden,
             include_corrupted=self.loss_fn.needs_corrupted_pass, rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes, device=device,
             progress=not bool(os.environ.get("TQDM_DISABLE")), shared_prefix=self.args.shared_prefix,

@@ -154,6 +154,37 @@ def test_store_refuses_a_loss_it_cannot_serve(tmp_path):
         PrecomputedReferenceStore(tmp_path / "missing")
 
 
+def snapshot(folder):
+    """Every file under ``folder`` with its bytes: a store left as it was compares equal."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_store_is_never_built_over_another(tmp_path):
+    """A second build into a folder holding a store (complete, or cut short before its index) is refused with
+    what the folder holds, and the store is byte for byte as before; ``overwrite=True`` replaces it, and only
+    the store's own files."""
+    seed = draw_seed()
+    collate = PreferenceCollator(0)
+    batches = [collate(examples(2, seed))]
+    precompute_reference(tiny_model(FAMILY, seed=seed), batches, tmp_path, progress=False)
+    first_head = PrecomputedReferenceStore(tmp_path).metadata["source"]["head"]
+    (tmp_path / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    other = tiny_model(FAMILY, seed=seed + 1)
+    with pytest.raises(FileExistsError, match=r"already holds a reference store of 2 example\(s\) built from "
+                                              r"Qwen2_5_VLForConditionalGeneration[\s\S]*overwrite"):
+        precompute_reference(other, batches, tmp_path, progress=False)
+    assert snapshot(tmp_path) == before
+    (tmp_path / "index.json").unlink()
+    with pytest.raises(FileExistsError, match="unfinished reference store"):
+        precompute_reference(other, batches, tmp_path, progress=False)
+    precompute_reference(other, batches, tmp_path, progress=False, overwrite=True)
+    assert PrecomputedReferenceStore(tmp_path).metadata["source"]["head"] != first_head
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(TypeError, match="`overwrite` must be a bool"):
+        precompute_reference(other, batches, tmp_path / "new", progress=False, overwrite="yes")
+
+
 def test_transformers_trainer_recipe_trains_on_the_window_mean(tmp_path):
     """A plain ``transformers.Trainer`` whose compute_loss calls compute_firempo_loss: batches travel in a dict;
     the head is read inside the model's forward, so the same code runs under ZeRO-3."""

@@ -169,3 +169,29 @@ def test_untagged_rows_are_refused_outside_the_dpo_preset(tmp_path):
         FiReMPOTrainer(tiny_model("llama", seed=1), ref_model=tiny_model("llama", seed=2),
                        args=FiReMPOConfig(**config(tmp_path)), processing_class=tiny_processor("llama"),
                        train_dataset=Dataset.from_list(TEXT_ROWS[:2] + untagged(TEXT_ROWS[2:])))
+
+
+def test_a_store_of_another_run_is_refused_and_kept(tmp_path):
+    """A store built for one model, then a run with another model (or other data) pointed at it: refused with
+    the mismatch named, the store byte for byte as it was; ``overwrite_precomputed_reference`` rebuilds it."""
+    tok, store = tiny_processor("llama"), tmp_path / "store"
+    data = Dataset.from_list(TEXT_ROWS)
+    args = config(tmp_path, reference_mode="precomputed", precomputed_reference_dir=str(store))
+
+    def trainer(seed, rows=data, **extra):
+        return FiReMPOTrainer(tiny_model("llama", seed=seed), args=FiReMPOConfig(**{**args, **extra}),
+                              train_dataset=rows, processing_class=tok)
+
+    trainer(1, alpha=0.0)  # no token KL: the store keeps no hidden states
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    trainer(1, alpha=0.0)  # the same run again: the store serves it as it is
+    with pytest.raises(ValueError, match=r"built for another run: output head weights \(\w+ when built, \w+ now\)"):
+        trainer(2, alpha=0.0)  # another model of the same architecture
+    with pytest.raises(ValueError, match=r"settings \(the loss has alpha > 0"):
+        trainer(1)
+    with pytest.raises(ValueError, match=r"data \(1 of 5 example\(s\) are not in it"):
+        trainer(1, alpha=0.0, rows=Dataset.from_list(TEXT_ROWS + [dict(TEXT_ROWS[0], prompt="is it new")]))
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    trainer(2, overwrite_precomputed_reference=True)
+    assert {p.name: p.read_bytes() for p in store.iterdir()} != before
+    trainer(2)  # the rebuilt store serves the second model (and keeps hidden states for its token KL)
