@@ -130,8 +130,10 @@ def test_llm_editor_and_reply_parsing():
 def test_load_editor_specs():
     assert isinstance(load_editor("rule"), RuleBasedEditor)
     assert isinstance(load_editor("firempo_kernels.integrations.data.editors:RuleBasedEditor"), RuleBasedEditor)
-    with pytest.raises(ValueError, match="'rule', 'hf:PATH' or 'module:callable'"):
+    with pytest.raises(ValueError, match="'rule', 'hf:PATH', 'openai:MODEL' or 'module:callable'"):
         load_editor("nonsense")
+    with pytest.raises(ValueError, match="needs a model name"):
+        load_editor("openai:")
 
 
 def test_paper_policy_and_drops():

@@ -15,6 +15,7 @@ Everything is deterministic given the model, the records and the editor.
 Command line::
 
     firempo-build-pairs --data questions.jsonl --model path/to/hf-model --out pairs.jsonl [--editor rule]
+    firempo-build-pairs ... --editor openai:gpt-4o-mini [--base-url http://localhost:8000/v1] [--max-requests N]
 """
 
 from __future__ import annotations
@@ -28,11 +29,13 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..cli import check_writable_file, run_command
+from ..llm_client import DEFAULT_BASE_URL, DEFAULT_KEY_ENV
 from ._progress import progress
 from .dataset import PromptEncoder, load_image
 from .diff import tag_differences
-from .editors import Editor, load_editor
+from .editors import Edit, Editor, load_editor
 from .records import PreferenceRecord, QARecord, as_preference, load_qa_records, read_jsonl, write_records
+from .tags import TagError, parse_tags
 
 Answerer = Callable[[Sequence[QARecord]], list[str]]
 
@@ -120,6 +123,23 @@ class PairStats:
         return f"{self.kept} pairs ({self.wrong} from wrong answers, {self.right} from right ones); dropped: {drops}"
 
 
+def _editor_tags(answer: str, edit: Edit) -> tuple[str, str] | None:
+    """The editor's own tagged answer and edit, when removing their tags gives back the two texts (whitespace
+    aside) and each carries a tag; None otherwise (the word-level diff tags them)."""
+    if edit.tagged is None:
+        return None
+    out = []
+    for tagged, plain in zip(edit.tagged, (answer, edit.edited)):
+        try:
+            parsed = parse_tags(tagged)
+        except TagError:
+            return None
+        if not parsed.spans or parsed.text.split() != plain.split():
+            return None
+        out.append(tagged.strip())
+    return out[0], out[1]
+
+
 def make_pair(record: QARecord, answer: str, editor: Editor) -> tuple[PreferenceRecord | None, str]:
     """One preference record from a record and the policy's answer; ``(None, reason)`` when dropped.
 
@@ -133,14 +153,17 @@ def make_pair(record: QARecord, answer: str, editor: Editor) -> tuple[Preference
     edit = editor(record, answer)
     if edit is None:
         return None, "no edit from the editor"
-    try:
-        tagged = tag_differences(answer, edit.edited)
-    except ValueError:
-        return None, "edit has the answer's words"
+    tagged = _editor_tags(answer, edit)
+    if tagged is None:
+        try:
+            diff = tag_differences(answer, edit.edited)
+        except ValueError:
+            return None, "edit has the answer's words"
+        tagged = diff.first, diff.second
     if edit.correct:
-        chosen, rejected = tagged.first, tagged.second
+        chosen, rejected = tagged
     else:
-        chosen, rejected = tagged.second, tagged.first
+        rejected, chosen = tagged
     extra = {**record.extra, "answer": answer, "answer_correct": edit.correct}
     return as_preference(record, chosen, rejected, extra=extra), "correct" if edit.correct else "wrong"
 
@@ -219,7 +242,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="local Hugging Face model folder: the policy that answers greedily")
     src.add_argument("--answers", help="JSONL of {\"id\", \"answer\"}: answers generated elsewhere")
-    ap.add_argument("--editor", default="rule", help="'rule', 'hf:PATH' (local LLM) or 'package.module:callable'")
+    ap.add_argument("--editor", default="rule",
+                    help="'rule', 'hf:PATH' (local LLM), 'openai:MODEL' (OpenAI-compatible server) or "
+                    "'package.module:callable'")
+    ap.add_argument("--base-url", default=DEFAULT_BASE_URL, help="openai editor: the server's API root (…/v1)")
+    ap.add_argument("--api-key-env", default=DEFAULT_KEY_ENV, help="openai editor: the variable holding the key")
+    ap.add_argument("--llm-cache", default=None, help="openai editor: reply cache folder "
+                    "(default $FIREMPO_LLM_CACHE or ~/.cache/firempo-kernels/llm)")
+    ap.add_argument("--max-requests", type=int, default=None, help="openai editor: most requests this run sends")
     ap.add_argument("--prompt-template", default=None, help="format string with {question} and {image}")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -233,7 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _build_pairs(args: argparse.Namespace) -> int:
     check_writable_file(args.out, "--out")  # before the answers are generated, not after
     records = load_qa_records(args.data, on_error=args.on_error)
-    editor = load_editor(args.editor)
+    options = dict(base_url=args.base_url, api_key_env=args.api_key_env, cache_dir=args.llm_cache,
+                   max_requests=args.max_requests) if args.editor.startswith("openai:") else {}
+    editor = load_editor(args.editor, **options)
     if args.model:
         model, processor = load_model(args.model, args.device)
         answers = GreedyAnswerer(

@@ -6,32 +6,39 @@ An editor is any callable ``editor(record, answer) -> Edit | None``:
 * the answer is right -> ``Edit(correct=True, edited=<a counterfactual: the answer minimally made wrong>)``;
 * None when it cannot tell or cannot edit: the record is dropped (and counted).
 
-Built in: :class:`RuleBasedEditor` for closed questions and records that carry the ground truth, and
+Built in: :class:`RuleBasedEditor` for closed questions and records that carry the ground truth;
 :class:`LLMEditor`, which asks any text generator (a local Hugging Face model via
-:meth:`LLMEditor.from_pretrained`, or a function of your own) for the judgement and the edit in JSON.
-:func:`load_editor` turns a command-line spec (``rule``, ``hf:/path/to/model``, ``package.module:name``) into
-an editor.
+:meth:`LLMEditor.from_pretrained`, or a function of your own) for the judgement and the edit in JSON; and
+:class:`OpenAIEditor`, the paper's two calls to an OpenAI-compatible server (judge and minimally edit, then
+tag the differing phrases). :func:`load_editor` turns a command-line spec (``rule``, ``hf:/path/to/model``,
+``openai:MODEL``, ``package.module:name``) into an editor.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import re
 from dataclasses import dataclass
 from difflib import SequenceMatcher
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
+from ..llm_client import ChatClient, json_objects, parse_llm_spec
 from .corrupt import record_seed
 from .records import QARecord
 
 
 @dataclass(frozen=True)
 class Edit:
-    """An editor's verdict: whether the answer is right, and the minimally edited alternative."""
+    """An editor's verdict: whether the answer is right, and the minimally edited alternative.
+
+    ``tagged``, when the editor tags the differences itself (the paper's second LLM call): the answer and the
+    edit with their differing phrases in ``<mask>`` tags. Pair building uses them when removing the tags gives
+    back the answer and the edit and both carry a tag, and tags the word-level diff otherwise.
+    """
 
     correct: bool
     edited: str
+    tagged: tuple[str, str] | None = None
 
 
 class Editor(Protocol):
@@ -198,19 +205,86 @@ class LLMEditor:
         return cls(generate)
 
 
+EDIT_PROMPT = """You check a model's answer to a question about a medical image against the reference answer.
+Question: {question}
+Reference answer: {ground_truth}
+Model answer: {answer}
+Find the sentence of the model answer that states its answer and decide whether that answer is correct.
+If it is wrong, rewrite the sentence with the fewest word changes so that it agrees with the reference.
+If it is correct, rewrite the sentence with the fewest word changes so that it becomes clinically wrong.
+Reply with JSON only: {{"answer_sentence": "<the sentence, copied>", "final_answer": "<its answer in a few words>",
+"is_correct": true or false, "opposite_answer": "<the rewritten sentence>"}}
+"""
+
+TAG_PROMPT = """Two sentences differ in a few words.
+Sentence A: {first}
+Sentence B: {second}
+Copy both sentences unchanged, except that every phrase where they differ is wrapped in <mask> and </mask>,
+in both sentences.
+Reply with JSON only: {{"a": "<sentence A with its tags>", "b": "<sentence B with its tags>"}}
+"""
+
+
+class OpenAIEditor:
+    """The paper's editor: two calls to an OpenAI-compatible chat model.
+
+    1. judge and minimally edit (:data:`EDIT_PROMPT`): the reply's ``answer_sentence`` is replaced in the answer
+       by its ``opposite_answer`` (the whole answer when the sentence is not found in it), ``is_correct`` is
+       the verdict;
+    2. tag (:data:`TAG_PROMPT`): the answer and the edit with their differing phrases in ``<mask>`` tags,
+       returned as :attr:`Edit.tagged` (pair building falls back to the word-level diff when they do not
+       reproduce the two sentences).
+
+    Args:
+        client: a :class:`~..llm_client.ChatClient` (or anything with ``chat(messages) -> str``).
+        edit_prompt, tag_prompt: format strings with ``{question}``, ``{ground_truth}``, ``{answer}`` and
+            ``{first}``, ``{second}``.
+
+    A first reply without ``is_correct`` (bool) and ``opposite_answer`` (text) gives None (record dropped).
+    """
+
+    def __init__(self, client: Any, *, edit_prompt: str = EDIT_PROMPT, tag_prompt: str = TAG_PROMPT) -> None:
+        if not callable(getattr(client, "chat", None)):
+            raise TypeError(f"OpenAIEditor: `client` must have a chat(messages) method; got {type(client).__name__}")
+        self.client = client
+        self.edit_prompt = edit_prompt
+        self.tag_prompt = tag_prompt
+
+    def _ask(self, prompt: str) -> str:
+        return self.client.chat([{"role": "user", "content": prompt}])
+
+    def __call__(self, record: QARecord, answer: str) -> Edit | None:
+        if not isinstance(answer, str):
+            raise TypeError(f"OpenAIEditor: `answer` must be a str; got {type(answer).__name__}")
+        reply = self._ask(self.edit_prompt.format(
+            question=record.question, ground_truth=record.ground_truth or "unknown", answer=answer))
+        found = [o for o in json_objects(reply)
+                 if isinstance(o.get("is_correct"), bool) and isinstance(o.get("opposite_answer"), str)
+                 and o["opposite_answer"].strip()]
+        if not found:
+            return None
+        verdict = found[0]
+        sentence = verdict.get("answer_sentence")
+        opposite = verdict["opposite_answer"].strip()
+        if isinstance(sentence, str) and sentence.strip() and sentence.strip() in answer:
+            edited = answer.replace(sentence.strip(), opposite, 1)
+        else:
+            edited = opposite
+        if _norm(edited) == _norm(answer):
+            return Edit(correct=verdict["is_correct"], edited=edited)
+        tags = [o for o in json_objects(self._ask(self.tag_prompt.format(first=answer, second=edited)))
+                if isinstance(o.get("a"), str) and isinstance(o.get("b"), str)]
+        tagged = (tags[0]["a"], tags[0]["b"]) if tags else None
+        return Edit(correct=verdict["is_correct"], edited=edited, tagged=tagged)
+
+
 def parse_edit_reply(reply: str) -> Edit | None:
     """Reads ``{"correct": bool, "edited": str}`` from the first JSON object in ``reply``; None if absent."""
     if not isinstance(reply, str):
         raise TypeError(f"parse_edit_reply: `reply` must be a str; got {type(reply).__name__}")
-    decoder = json.JSONDecoder()
-    for m in re.finditer(r"\{", reply):
-        try:
-            obj, _ = decoder.raw_decode(reply, m.start())
-        except json.JSONDecodeError:
-            continue
+    for obj in json_objects(reply):
         if (
-            isinstance(obj, dict)
-            and isinstance(obj.get("correct"), bool)
+            isinstance(obj.get("correct"), bool)
             and isinstance(obj.get("edited"), str)
             and obj["edited"].strip()
         ):
@@ -218,20 +292,26 @@ def parse_edit_reply(reply: str) -> Edit | None:
     return None
 
 
-def load_editor(spec: str) -> Editor:
+def load_editor(spec: str, **client_options: Any) -> Editor:
     """An editor from a command-line spec.
 
     ``rule``: :class:`RuleBasedEditor`. ``hf:PATH``: :meth:`LLMEditor.from_pretrained` on a local model.
+    ``openai:MODEL``: :class:`OpenAIEditor` on a :class:`~..llm_client.ChatClient` made with
+    ``client_options`` (``base_url``, ``api_key_env``, ``cache_dir``, ``max_requests``...).
     ``package.module:name``: that callable; a class is instantiated with no arguments.
     """
+    forms = "'rule', 'hf:PATH', 'openai:MODEL' or 'module:callable'"
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"load_editor: `spec` must be 'rule', 'hf:PATH' or 'module:callable'; got {spec!r}")
+        raise ValueError(f"load_editor: `spec` must be {forms}; got {spec!r}")
     if spec == "rule":
         return RuleBasedEditor()
     if spec.startswith("hf:"):
         return LLMEditor.from_pretrained(spec[3:])
+    model = parse_llm_spec(spec)
+    if model is not None:
+        return OpenAIEditor(ChatClient(model, **client_options))
     if ":" not in spec:
-        raise ValueError(f"load_editor: `spec` must be 'rule', 'hf:PATH' or 'module:callable'; got {spec!r}")
+        raise ValueError(f"load_editor: `spec` must be {forms}; got {spec!r}")
     module, name = spec.split(":", 1)
     obj = getattr(importlib.import_module(module), name)
     if isinstance(obj, type):
