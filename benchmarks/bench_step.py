@@ -265,8 +265,12 @@ def stored_reference(policy, batch):
     import shutil
     import tempfile
 
-    from firempo_kernels.integrations.precompute import PrecomputedReferenceStore, precompute_reference
-    from firempo_kernels.integrations.reference import AdaptersDisabledReference, PrecomputedStoreReference
+    from firempo_kernels.integrations.precompute import (
+        PrecomputedReferenceStore,
+        PrecomputedStoreReference,
+        precompute_reference,
+    )
+    from firempo_kernels.integrations.reference import AdaptersDisabledReference
 
     key = (id(policy), id(batch))
     if key not in _STORES:

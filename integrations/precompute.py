@@ -36,11 +36,20 @@ from firempo_kernels.precomputed_reference import PrecomputedReference
 
 from .batch import PreferenceBatch, update_digest
 from .cli import atomic_write
-from .forward import block_targets
+from .blocks import block_targets
 from .models import get_adapter, unwrap_model
-from .reference import AdaptersDisabledReference, Head, Reference, as_reference, is_peft_model, whole_head
+from .reference import (
+    AdaptersDisabledReference,
+    Head,
+    Reference,
+    as_reference,
+    compute_dtype,
+    is_peft_model,
+    placed_reference,
+    whole_head,
+)
 
-__all__ = ["PrecomputedReferenceStore", "ReferenceShardWriter", "precompute_reference", "STORE_FORMAT", "store_files"]
+__all__ = ["PrecomputedReferenceStore", "PrecomputedStoreReference", "ReferenceShardWriter", "precompute_reference", "STORE_FORMAT", "store_files"]
 
 STORE_FORMAT = 2  # 2: the store records the model it was built from and each example's content hash
 _INDEX = "index.json"
@@ -451,3 +460,39 @@ class PrecomputedReferenceStore:
                     "rebuild the store"
                 )
         return PrecomputedReference.collate([self.get(i) for i in example_ids])
+
+
+class PrecomputedStoreReference(Reference):
+    """A reference written once to a store (:mod:`.precompute`): each batch's is looked up by example id.
+
+    Args:
+        store: the opened store.
+        head: the reference head for the token KL when it is not the policy's; by default the store's own head
+            is used whenever the loss needs one and the policy's head trains or the store came from another model.
+    """
+
+    mode = "precomputed"
+
+    def __init__(self, store: PrecomputedReferenceStore, head: Head | None = None) -> None:
+        self.store = store
+        self._head = head
+        self._head_known = head is not None
+
+    def hidden_states(self, policy, batch, corrupted, shared_prefix=False):
+        return placed_reference(self.store.lookup(batch.example_ids, batch.content_hashes), policy, batch, corrupted)
+
+    def head(self, policy: nn.Module) -> Head | None:
+        if not self._head_known:
+            adapter = get_adapter(policy)
+            head_trains = any(t is not None and t.requires_grad for t in adapter.head(policy))
+            from_policy = self.store.metadata.get("reference") == "policy"
+            if self.store.metadata.get("keep_hidden") and (head_trains or not from_policy):
+                self._head = self.store.head()
+            self._head_known = True
+        if self._head is not None:
+            device = next((p.device for p in unwrap_model(policy).parameters()), torch.device("cpu"))
+            dtype = compute_dtype(policy)
+            weight, bias = self._head
+            if weight.device != device or (dtype is not None and weight.dtype != dtype):
+                self._head = (weight.to(device, dtype), None if bias is None else bias.to(device, dtype))
+        return self._head

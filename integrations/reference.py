@@ -8,8 +8,8 @@ evaluation all take them through :class:`Reference`:
 - :class:`FrozenModelReference` -- a separate frozen model (full fine-tuning, or another checkpoint);
 - :class:`AdaptersDisabledReference` -- the policy itself with its peft adapters switched off (LoRA, as in
   the paper): no second copy of the weights;
-- :class:`PrecomputedStoreReference` -- a store written once by a reference pass (no reference forward
-  during training at all).
+- :class:`~.precompute.PrecomputedStoreReference` -- a store written once by a reference pass (no reference
+  forward during training at all), beside the store in :mod:`.precompute`.
 
 Under DeepSpeed ZeRO-3 a partitioned parameter is whole only inside the forward of the module that owns it.
 A reference head that differs from the policy's is therefore copied whole once, outside any forward, and
@@ -27,21 +27,21 @@ from torch import nn
 
 from firempo_kernels.precomputed_reference import PrecomputedReference
 
-from .forward import HiddenStatesRequest, call_with_request
+from .blocks import HiddenStatesRequest, call_with_request
 from .models import get_adapter, unwrap_model
 
 if TYPE_CHECKING:
     from .batch import PreferenceBatch
-    from .precompute import PrecomputedReferenceStore
 
 __all__ = [
     "ADAPTERS_DISABLED",
     "Reference",
     "FrozenModelReference",
     "AdaptersDisabledReference",
-    "PrecomputedStoreReference",
     "as_reference",
+    "compute_dtype",
     "is_peft_model",
+    "placed_reference",
     "whole_head",
 ]
 
@@ -193,55 +193,21 @@ class AdaptersDisabledReference(Reference):
         return self._head
 
 
-class PrecomputedStoreReference(Reference):
-    """A reference written once to a store (:mod:`.precompute`): each batch's is looked up by example id.
-
-    Args:
-        store: the opened store.
-        head: the reference head for the token KL when it is not the policy's; by default the store's own head
-            is used whenever the loss needs one and the policy's head trains or the store came from another model.
-    """
-
-    mode = "precomputed"
-
-    def __init__(self, store: PrecomputedReferenceStore, head: Head | None = None) -> None:
-        self.store = store
-        self._head = head
-        self._head_known = head is not None
-
-    def hidden_states(self, policy, batch, corrupted, shared_prefix=False):
-        return _placed(self.store.lookup(batch.example_ids, batch.content_hashes), policy, batch, corrupted)
-
-    def head(self, policy: nn.Module) -> Head | None:
-        if not self._head_known:
-            adapter = get_adapter(policy)
-            head_trains = any(t is not None and t.requires_grad for t in adapter.head(policy))
-            from_policy = self.store.metadata.get("reference") == "policy"
-            if self.store.metadata.get("keep_hidden") and (head_trains or not from_policy):
-                self._head = self.store.head()
-            self._head_known = True
-        if self._head is not None:
-            device = next((p.device for p in unwrap_model(policy).parameters()), torch.device("cpu"))
-            dtype = _compute_dtype(policy)
-            weight, bias = self._head
-            if weight.device != device or (dtype is not None and weight.dtype != dtype):
-                self._head = (weight.to(device, dtype), None if bias is None else bias.to(device, dtype))
-        return self._head
-
-
-def _compute_dtype(policy: nn.Module) -> torch.dtype | None:
+def compute_dtype(policy: nn.Module) -> torch.dtype | None:
+    """The dtype of the policy's first floating-point parameter (its compute dtype), or None if it has none."""
     return next((p.dtype for p in unwrap_model(policy).parameters() if p.is_floating_point()), None)
 
 
-def _placed(
+def placed_reference(
     ref: PrecomputedReference, policy: nn.Module, batch: PreferenceBatch, corrupted: bool
 ) -> PrecomputedReference:
-    """A batch's stored reference on the batch's device, hidden states in the policy's compute dtype."""
+    """A batch's stored reference on the batch's device, hidden states in the policy's compute dtype (the
+    ``[k, 1]`` row counts gain zero rows for a (v', .) pass that no example of the batch has a v' for)."""
     ref = ref.to(batch.input_ids.device, non_blocking=True)
     if corrupted and ref.num_blocks == 2:
         # No example of this batch has v' (c = 0 everywhere): its (v', .) rows hold no span token.
         ref = ref._replace(row_counts=torch.cat((ref.row_counts, torch.zeros_like(ref.row_counts))))
-    dtype = _compute_dtype(policy)
+    dtype = compute_dtype(policy)
     if ref.hidden is not None and dtype is not None and ref.hidden.dtype != dtype:
         ref = ref._replace(hidden=ref.hidden.to(dtype))
     return ref
@@ -256,7 +222,7 @@ class _FixedPrecomputed(Reference):
         self.reference, self._head = reference, head
 
     def hidden_states(self, policy, batch, corrupted, shared_prefix=False):
-        return _placed(self.reference, policy, batch, corrupted)
+        return placed_reference(self.reference, policy, batch, corrupted)
 
     def head(self, policy):
         return self._head

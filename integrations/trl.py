@@ -45,13 +45,13 @@ from firempo_kernels.losses import LOSS_PRESETS, FiReMPOLoss
 from .batch import PreferenceBatch, PreferenceCollator, PreferenceExample
 from .data.dataset import PromptEncoder, response_row
 from .data.tags import TAG_OPEN, EncodedResponse, SpanAlignmentError, TagError, encode_response
-from .forward import add_firempo_forward, compute_firempo_loss
+from .blocks import add_firempo_forward
+from .forward import compute_firempo_loss
 from .models import unwrap_model
 from .reference import (
     ADAPTERS_DISABLED,
     AdaptersDisabledReference,
     FrozenModelReference,
-    PrecomputedStoreReference,
     Reference,
     is_peft_model,
 )
@@ -415,6 +415,8 @@ class FiReMPOTrainer(DPOTrainer):
             return FrozenModelReference(self.ref_model)
         if self.reference_mode == ADAPTERS_DISABLED:
             return AdaptersDisabledReference()
+        from .precompute import PrecomputedStoreReference
+
         return PrecomputedStoreReference(self._open_store())
 
     def _live_reference(self) -> tuple[Reference, nn.Module]:

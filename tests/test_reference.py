@@ -1,16 +1,22 @@
 """The thin loss adapter and the three references (frozen model, adapters disabled, precomputed store), in one
 process without DeepSpeed (the ZeRO-3 runs are in test_trainer_distributed.py)."""
 
+import ast
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
 from firempo_kernels.integrations.batch import PreferenceCollator
-from firempo_kernels.integrations.precompute import PrecomputedReferenceStore, precompute_reference
+from firempo_kernels.integrations.precompute import (
+    PrecomputedReferenceStore,
+    PrecomputedStoreReference,
+    precompute_reference,
+)
 from firempo_kernels.integrations.smoke import synthetic_examples, tiny_model
 from firempo_kernels.integrations.forward import compute_firempo_loss
-from firempo_kernels.integrations.reference import ADAPTERS_DISABLED, PrecomputedStoreReference
+from firempo_kernels.integrations.reference import ADAPTERS_DISABLED
 from firempo_kernels.losses import FiReMPOLoss
 
 peft = pytest.importorskip("peft")
@@ -213,3 +219,28 @@ def test_transformers_trainer_recipe_trains_on_the_window_mean(tmp_path):
     result = trainer.train()
     # Two equal micro-batches, each a mean, divided by the accumulation steps: the mean of all four.
     assert result.training_loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_training_stack_imports_one_way():
+    """blocks <- reference <- precompute, blocks + reference <- forward <- trl: no module of the training stack
+    reaches itself through its imports (lazy and type-only ones included)."""
+    import firempo_kernels.integrations as package
+
+    root = Path(package.__file__).parent
+    imports = {}
+    for path in root.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+        imports[path.stem] = found
+    for start in imports:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            name, path = stack.pop()
+            for following in imports.get(name, ()):
+                assert following != start, " -> ".join(path + [following])
+                if following not in seen:
+                    seen.add(following)
+                    stack.append((following, path + [following]))
+    assert {"reference", "precompute", "forward"}.isdisjoint(imports["blocks"])
