@@ -44,6 +44,7 @@ setup(
             "transformers>=4.57", "pillow", "safetensors", "tokenizers", "trl>=1.16", "datasets>=4.7",
             "opencv-python-headless>=4.8",  # inpainting of lesion-corrupted images (data.corrupt, mode inpaint)
             "num2words",  # SmolVLM's processor refuses to start without it
+            "nltk>=3.9", "rouge-score>=0.1.2",  # BLEU and ROUGE-L of generated reports (metrics)
         ],
         "deepspeed": ["deepspeed>=0.16", "pyyaml", "tqdm"],
         "peft": ["peft"],
@@ -57,6 +58,7 @@ setup(
             "firempo-train=firempo_kernels.integrations.train:main",
             "firempo-build-pairs=firempo_kernels.integrations.data.build_pairs:main",
             "firempo-corrupt=firempo_kernels.integrations.data.corrupt:main",
+            "firempo-import=firempo_kernels.integrations.data.importers:main",
         ]
     },
 )
