@@ -18,10 +18,15 @@ given the image and the question; computed from hidden states with the fused op,
   why the accuracy and margins on v' stand beside it. :func:`kind_table` puts models side by side, and
   :func:`mean_and_se` aggregates a measure across seeds.
 
+With ``--generate`` the models also answer greedily (:func:`generate_and_score`), and the answers are scored as
+papers score them (:mod:`.metrics`): exact match and recall of open answers, closed accuracy of the generated
+answers, an LLM judge's accuracy (``--judge openai:MODEL``), BLEU-1..4 and ROUGE-L on reports; per kind, each
+with its standard error (:func:`~.metrics.answer_table`).
+
 Command line::
 
     python -m firempo_kernels.integrations.evaluate --data heldout.jsonl --model base=runs/x/base \\
-        --model trained=runs/x/final [--out metrics.json]
+        --model trained=runs/x/final [--out metrics.json] [--generate [--judge openai:gpt-4o-mini]]
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ from .data.editors import find_candidates, replace_spans
 from .data.records import QARecord, load_qa_records
 from .data.synthetic import QUESTION_KINDS, question_kind
 from .data.tags import encode_response
+from .cli import check_writable_file, run_command, write_whole
+from .llm_client import DEFAULT_BASE_URL, DEFAULT_KEY_ENV, AnswerJudge, ChatClient, parse_llm_spec
+from .metrics import AnswerReport, Judge, answer_table, mean_and_se, score_answers
+from .metrics import share as _share
 
 
 @dataclass(frozen=True)
@@ -217,38 +226,6 @@ def _json_ready(x: Any) -> Any:
     if isinstance(x, (list, tuple)):
         return type(x)(_json_ready(v) for v in x)
     return None if isinstance(x, float) and math.isnan(x) else x
-
-
-def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
-    """The mean of ``values`` and its standard error, ``sample standard deviation / sqrt(n)``.
-
-    For aggregating one measure across seeds (or records). ``(nan, nan)`` without values, the standard
-    error is nan for fewer than 2; a nan among the values makes both nan.
-
-    Raises:
-        TypeError: ``values`` is not a sequence of real numbers (bools and strings refused).
-    """
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or not hasattr(values, "__iter__"):
-        raise TypeError(f"mean_and_se: `values` must be a sequence of real numbers; got {type(values).__name__}")
-    vals = list(values)
-    for i, v in enumerate(vals):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"mean_and_se: `values[{i}]` must be a real number; got {type(v).__name__} {v!r}")
-    n = len(vals)
-    if n == 0:
-        return math.nan, math.nan
-    mean = math.fsum(vals) / n
-    if n < 2:
-        return mean, math.nan
-    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in vals) / (n - 1) / n)
-
-
-def _share(flags: Sequence[bool]) -> tuple[float, float]:
-    """A proportion and its standard error ``sqrt(p (1 - p) / n)``; nan for no flags."""
-    if not flags:
-        return math.nan, math.nan
-    p = sum(flags) / len(flags)
-    return p, math.sqrt(p * (1 - p) / len(flags))
 
 
 def _ranking(record: QARecord, kind: str) -> list[tuple[str | None, str]] | None:
@@ -506,6 +483,30 @@ def kind_table(reports: dict[str, EvalReport]) -> str:
     return "\n".join(lines)
 
 
+def generate_and_score(
+    records: Sequence[QARecord],
+    model: Any,
+    processor: Any,
+    *,
+    prompt_template: str | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    judge: Judge | None = None,
+) -> tuple[AnswerReport, list[str]]:
+    """Greedy answers of ``model`` to ``records`` (batched, with a progress bar), scored by
+    :func:`~.metrics.score_answers`: exact match, recall, closed accuracy of the generated answers, the judge's
+    accuracy on open ones when ``judge`` is given, BLEU-1..4 and ROUGE-L on reports.
+
+    Returns:
+        ``(report, answers)``: the scores and the answers (one string per record, same order).
+    """
+    from .data.build_pairs import GreedyAnswerer
+
+    answers = GreedyAnswerer(model, processor, prompt_template=prompt_template, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)(records)
+    return score_answers(records, answers, judge=judge), answers
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Evaluates one or more local models on a held-out JSONL file and prints the comparison."""
     ap = argparse.ArgumentParser(prog="python -m firempo_kernels.integrations.evaluate", description=__doc__.split("\n\n")[0])
@@ -515,11 +516,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--prompt-template", default=None)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default=None, help="write the reports as JSON here")
+    ap.add_argument("--generate", action="store_true",
+                    help="also answer every record greedily and score the answers (exact match, recall, closed "
+                    "accuracy; BLEU-1..4 and ROUGE-L on reports)")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="--generate: answer length limit")
+    ap.add_argument("--judge", default=None, metavar="openai:MODEL",
+                    help="--generate: an LLM on an OpenAI-compatible server judges the open answers")
+    ap.add_argument("--base-url", default=DEFAULT_BASE_URL, help="--judge: the server's API root (…/v1)")
+    ap.add_argument("--api-key-env", default=DEFAULT_KEY_ENV, help="--judge: the variable holding the key")
+    ap.add_argument("--llm-cache", default=None, help="--judge: reply cache folder")
+    ap.add_argument("--max-requests", type=int, default=None, help="--judge: most requests this run sends")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
+    return run_command("evaluate", lambda: _evaluate_command(args), debug=args.debug)
+
+
+def _evaluate_command(args: argparse.Namespace) -> int:
     from .data.build_pairs import load_model
 
+    if args.judge and not args.generate:
+        raise ValueError("--judge scores generated answers: add --generate")
+    judge = None
+    if args.judge:
+        model_name = parse_llm_spec(args.judge)
+        if model_name is None:
+            raise ValueError(f"--judge must be openai:MODEL; got {args.judge!r}")
+        judge = AnswerJudge(ChatClient(model_name, base_url=args.base_url, api_key_env=args.api_key_env,
+                                       cache_dir=args.llm_cache, max_requests=args.max_requests))
+    if args.out:
+        check_writable_file(args.out, "--out")
     records = load_qa_records(args.data)
     reports: dict[str, EvalReport] = {}
+    generated: dict[str, tuple[AnswerReport, list[str]]] = {}
     for spec in args.model:
         name, _, path = spec.partition("=")
         if not path:
@@ -527,14 +555,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, processor = load_model(path)
         reports[name] = evaluate(records, ModelScorer(model, processor, prompt_template=args.prompt_template,
                                                       batch_size=args.batch_size))
+        if args.generate:
+            generated[name] = generate_and_score(
+                records, model, processor, prompt_template=args.prompt_template, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, judge=judge)
     print(comparison_table(reports))
     print()
     print(kind_table(reports))
+    if generated:
+        print()
+        print(answer_table({k: rep for k, (rep, _) in generated.items()}))
     if args.out:
-        from .cli import atomic_write
-
-        with atomic_write(args.out) as f:
-            json.dump({k: r.to_json() for k, r in reports.items()}, f, indent=2)
+        out = {k: r.to_json() for k, r in reports.items()}
+        for k, (rep, answers) in generated.items():
+            out[k]["generated"] = {**rep.to_json(),
+                                   "answers": [{"id": r.id, "answer": a} for r, a in zip(records, answers)]}
+        write_whole(args.out, json.dumps(out, indent=2, ensure_ascii=False))
         print(f"evaluate: wrote the reports to {Path(args.out).resolve()}")
     return 0
 

@@ -415,3 +415,47 @@ def test_model_scorer_equals_the_models_own_log_probs(tmp_path, family, one_thre
             logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **images, **extra).logits[0].double()
         logp = torch.log_softmax(logits[len(prompt) - 1 : -1], -1).gather(1, torch.tensor(response)[:, None]).sum()
         assert score == pytest.approx(logp.item(), rel=1e-5, abs=1e-5)
+
+
+def test_command_generates_and_scores_answers(tmp_path, capsys, monkeypatch, one_thread):
+    """--generate: the models answer greedily, the JSON holds the answers and their scores (those of
+    score_answers on the same answers), and the table shows them; --judge without a key is refused."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from firempo_kernels.integrations.data.embedded import save_embedded
+    from firempo_kernels.integrations.evaluate import main
+    from firempo_kernels.integrations.metrics import score_answers
+
+    model_dir = save_embedded(tmp_path / "model")
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) % 251).astype("uint8")).save(tmp_path / "scan.png")
+    lines = [
+        {"id": "c", "image": "scan.png", "question": "Is the lesion in the left or the right lung?",
+         "ground_truth": "The lesion is in the left lung", "answer_type": "closed", "candidates": ["left", "right"]},
+        {"id": "o", "image": "scan.png", "question": "Where is the lesion?", "ground_truth": "upper left lung",
+         "answer_type": "open"},
+        {"id": "r", "image": "scan.png", "question": "Describe the scan.", "ground_truth": "no lesion is seen",
+         "answer_type": "open", "task": "report"},
+    ]
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "eval.json"
+    argv = ["--data", str(tmp_path / "q.jsonl"), "--model", f"base={model_dir}", "--generate",
+            "--max-new-tokens", "4", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| generated answers | base |" in printed and "BLEU-4 (1 records)" in printed
+    got = json.loads(out.read_text())["base"]
+    answers = [a["answer"] for a in got["generated"]["answers"]]
+    assert [a["id"] for a in got["generated"]["answers"]] == ["c", "o", "r"]
+    from firempo_kernels.integrations.data.records import load_qa_records
+
+    want = score_answers(load_qa_records(tmp_path / "q.jsonl"), answers).to_json()
+    assert {k: got["generated"][k] for k in ("overall", "by_kind")} == json.loads(json.dumps(want))
+    assert got["closed"] == 1  # the log-prob ranking is still there
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert main(argv + ["--judge", "openai:gpt-4o-mini"]) == 2
+    assert "no API key" in capsys.readouterr().err
+    assert main([a for a in argv if a != "--generate"] + ["--judge", "openai:gpt-4o-mini"]) == 2
+    assert "add --generate" in capsys.readouterr().err
