@@ -88,6 +88,15 @@ def test_slake_release_imports_to_the_documented_records(slake, tmp_path):
     assert records[1].candidates == ("Liver", "Spleen")
 
 
+def test_relative_root_and_out(slake, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["slake", "--root", "Slake1.0", "--split", "train", "--out", "data/train.jsonl"]) == 0
+    monkeypatch.chdir(slake)  # the records do not depend on the folder they were written from
+    records = load_qa_records(tmp_path / "data/train.jsonl")
+    assert records[0].image == str(slake / "imgs/xmlab1/source.jpg")
+    assert records[0].lesion_mask == str(tmp_path / "data/train.masks/xmlab1.png")
+
+
 def test_slake_options_languages_labels_copy_and_validation_file(slake, tmp_path):
     out = tmp_path / "all.jsonl"
     recs, notes = import_records("slake", slake, "train", out, languages=("en", "zh"),

@@ -611,7 +611,8 @@ def import_records(
     split = "val" if name == "iu-xray" and split == "validation" else split
     if split not in splits:
         raise ValueError(f"--split: {name} has the splits {list(splits)}; got {split!r}")
-    root, out = Path(root), Path(out)
+    # records hold paths relative to their own file: every path built here must not depend on the cwd
+    root, out = Path(root).resolve(), Path(out).resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"--root: no folder at {root}")
     stem = out.parent / out.stem
