@@ -74,12 +74,12 @@ class ChatClient:
         if not isinstance(model, str) or not model.strip():
             raise ValueError(f"ChatClient: `model` must be a non-empty string; got {model!r}")
         if not isinstance(base_url, str) or not re.match(r"https?://", base_url):
-            raise ValueError(f"ChatClient: `base_url` must be an http(s) URL such as {DEFAULT_BASE_URL}; got {base_url!r}")
-        for name, value in (("max_retries", max_retries), ("max_tokens", max_tokens)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "max_tokens" else 0):
-                raise ValueError(f"ChatClient: `{name}` must be a {'positive' if name == 'max_tokens' else 'non-negative'} int; got {value!r}")
-        if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int) or max_requests < 0):
-            raise ValueError(f"ChatClient: `max_requests` must be a non-negative int or None; got {max_requests!r}")
+            raise ValueError(
+                f"ChatClient: `base_url` must be an http(s) URL such as {DEFAULT_BASE_URL}; got {base_url!r}")
+        for name, value, least in (("max_retries", max_retries, 0), ("max_tokens", max_tokens, 1),
+                                   ("max_requests", 0 if max_requests is None else max_requests, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"ChatClient: `{name}` must be an int >= {least}; got {value!r}")
         key = os.environ.get(api_key_env, "")
         if not key.strip():
             raise LLMError(
@@ -118,9 +118,11 @@ class ChatClient:
                 request (the key, the model's name).
         """
         if not isinstance(messages, (list, tuple)) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
         ):
-            raise ValueError(f"ChatClient.chat: `messages` must be a non-empty list of {{role, content}} strings; got {messages!r:.120}")
+            raise ValueError("ChatClient.chat: `messages` must be a non-empty list of {role, content} strings; "
+                             f"got {messages!r:.120}")
         key = self.cache_key(messages)
         path = None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.json"
         if path is not None and path.is_file():
@@ -155,7 +157,7 @@ class ChatClient:
             except urllib.error.HTTPError as e:
                 detail = e.read().decode("utf-8", "replace")[:300]
                 if e.code in (401, 403):
-                    raise LLMError(f"{url} refused the key (HTTP {e.code}: {detail}); check the API key variable") from None
+                    raise LLMError(f"{url} refused the key (HTTP {e.code}: {detail}); check the API key") from None
                 if e.code not in _RETRYABLE:
                     raise LLMError(f"{url} refused the request (HTTP {e.code}: {detail}); check the model name "
                                    f"({self.model!r}) and --base-url") from None

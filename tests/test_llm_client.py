@@ -213,3 +213,12 @@ def test_load_editor_openai_spec(stub, key, tmp_path):
     server = stub(paper_server)
     editor = load_editor("openai:gpt-4o-mini", base_url=server.url, api_key_env=key, cache_dir=tmp_path)
     assert isinstance(editor, OpenAIEditor) and editor.client.model == "gpt-4o-mini"
+
+
+def test_bad_settings_are_named(key):
+    for kwargs, name in ((dict(max_requests=-1), "max_requests"), (dict(max_tokens=0), "max_tokens"),
+                         (dict(max_retries=True), "max_retries"), (dict(base_url="localhost:8000"), "base_url")):
+        with pytest.raises(ValueError, match=f"`{name}`"):
+            ChatClient("m", api_key_env=key, **kwargs)
+    with pytest.raises(ValueError, match="`model`"):
+        ChatClient(" ", api_key_env=key)
