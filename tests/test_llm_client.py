@@ -222,3 +222,12 @@ def test_bad_settings_are_named(key):
             ChatClient("m", api_key_env=key, **kwargs)
     with pytest.raises(ValueError, match="`model`"):
         ChatClient(" ", api_key_env=key)
+
+
+def test_editor_replies_without_a_verdict_or_an_edit_drop_the_record(stub, key, tmp_path):
+    replies = {"a": "I am not sure.", "b": '{"is_correct": true, "opposite_answer": "It is left."}'}
+    server = stub(lambda prompt: (200, replies["a" if "Model answer: maybe" in prompt else "b"], {}))
+    editor = OpenAIEditor(ChatClient("m", base_url=server.url, api_key_env=key, cache_dir=tmp_path))
+    pairs, stats = bp.make_pairs([SIDE, SIDE], ["maybe", "It is left."], editor)
+    assert pairs == [] and dict(stats.dropped) == {"no edit from the editor": 1, "edit has the answer's words": 1}
+    assert len(server.requests) == 2  # no tagging call for an edit equal to the answer
