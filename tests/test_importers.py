@@ -99,6 +99,7 @@ def test_relative_root_and_out(slake, tmp_path, monkeypatch):
 
 def test_slake_options_languages_labels_copy_and_validation_file(slake, tmp_path):
     out = tmp_path / "all.jsonl"
+    (slake / "imgs/xmlab3/mask.png").write_bytes(b"broken")  # not read: no lesion label has a grey value
     recs, notes = import_records("slake", slake, "train", out, languages=("en", "zh"),
                                  lesion_labels=("Nodule",), copy_images=True)
     assert [r.id for r in recs] == ["slake-0", "slake-1", "slake-2", "slake-3", "slake-4", "slake-5"]

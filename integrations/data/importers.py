@@ -235,7 +235,7 @@ def slake_lesion_mask(
         return None
     folder = image.parent
     seg = folder / "mask.png"
-    if seg.is_file():
+    if seg.is_file() and lesion_values:  # no lesion label has a grey value: the segmentation is not read
         try:
             grey = _grey_labels(seg)
         except Exception as e:  # noqa: BLE001 - PIL raises several types for unreadable files
