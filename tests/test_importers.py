@@ -106,7 +106,7 @@ def test_slake_options_languages_labels_copy_and_validation_file(slake, tmp_path
     assert [r.lesion_mask is not None for r in recs] == [False, False, False, True, False, False]
     assert recs[0].image == str(tmp_path / "all.images/imgs/xmlab1/source.jpg")
     assert (tmp_path / "all.images/imgs/xmlab1/source.jpg").is_file()
-    val, _ = import_records("slake", slake, "validation", tmp_path / "val.jsonl")
+    val, _ = import_records("slake", slake, "validation", tmp_path / "val.jsonl", lesion_labels=("Nodule",))
     assert [r.id for r in val] == ["slake-9"]
 
 
