@@ -9,7 +9,6 @@ any machine before a real model is involved.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from .batch import PreferenceExample
+from .data.embedded import CHAT_WORDS, chat_template, llava_config, seeded_model, word_tokenizer
 
 __all__ = [
     "TINY_FAMILIES", "TINY_WORDS", "tiny_config", "tiny_model", "tiny_processor", "synthetic_rows", "synthetic_examples",
@@ -156,12 +156,10 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
             tie_word_embeddings=tie_word_embeddings,
         )
     if family == "llava":
-        vision = dict(model_type="clip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                      num_hidden_layers=num_layers, num_attention_heads=4, image_size=16, patch_size=8)
-        return transformers.LlavaConfig(
-            vision_config=vision, text_config=dict(model_type="llama", **text),
-            image_token_id=special["image_token_id"], vision_feature_layer=-1,
-            tie_word_embeddings=tie_word_embeddings,
+        return llava_config(
+            vocab_size, image_token_id=special["image_token_id"], pad_token_id=special["pad_token_id"],
+            hidden_size=hidden_size, num_layers=num_layers, vision_hidden_size=hidden_size, vision_heads=4,
+            image_size=16, patch_size=8, max_position_embeddings=512, tie_word_embeddings=tie_word_embeddings,
         )
     # M-RoPE splits the rotary half of each head (head_dim / 2 = hidden / 8) into t, h, w sections.
     half = hidden_size // 8
@@ -215,15 +213,9 @@ def tiny_model(
 ) -> nn.Module:
     """A randomly initialised model of ``family`` (reproducible from ``seed``), in eval mode; ``config_kwargs``
     go to :func:`tiny_config`. ``paligemma2`` runs eager attention when ``sdpa`` is asked for (Gemma 2 has no
-    sdpa path).
-
-    The model is built whole even under a ZeRO-3 training config (transformers would otherwise build its
-    sub-models inside ``deepspeed.zero.Init`` and initialise them on rank 0 only, with another random stream):
-    so every rank, and every launch of any size, starts from the same weights; DeepSpeed partitions them
-    when its engine starts.
+    sdpa path). Built whole even under a ZeRO-3 training config (:func:`.data.embedded.seeded_model`).
     """
     import transformers
-    from transformers import modeling_utils
 
     config = tiny_config(family, **config_kwargs)
     model_cls = {
@@ -247,12 +239,7 @@ def tiny_model(
     if family == "paligemma2" and attn_implementation == "sdpa":
         attn_implementation = "eager"  # Gemma 2 soft-caps its attention scores, which sdpa cannot
     config._attn_implementation = attn_implementation
-    # transformers' own marker for "zero.Init is already active": its sub-model builders then skip theirs.
-    whole = getattr(modeling_utils, "set_zero3_state", contextlib.nullcontext)
-    with torch.random.fork_rng(devices=[]), whole():
-        torch.manual_seed(seed)
-        model = model_cls(config)
-    return model.to(dtype).eval()
+    return seeded_model(model_cls, config, seed).to(dtype).eval()
 
 
 def _image_layout(config) -> tuple[int, dict[str, tuple[int, ...] | torch.Tensor] | None]:
@@ -364,13 +351,12 @@ _TINY_SENTENCES = (
     "The answer is yes.",
     "The lesion is in the <mask>left</mask> lung.",  # tags kept as text tokenise too
 )
-_CHAT_WORDS = ("USER", ":", "ASSISTANT")
 
 
 def _tiny_words() -> tuple[str, ...]:
     import string
 
-    words: dict[str, None] = dict.fromkeys(_CHAT_WORDS)
+    words: dict[str, None] = dict.fromkeys(CHAT_WORDS)
     for sentence in _TINY_SENTENCES:
         words.update(dict.fromkeys(re.findall(r"\w+|[^\w\s]", sentence)))
     words.update(dict.fromkeys(string.digits + string.ascii_lowercase + ".,?!:;'\"-()/"))
@@ -431,20 +417,6 @@ _PLACEHOLDERS["smolvlm"] = _PLACEHOLDERS["idefics3"]
 _TINY_IMAGE_SIZE = 16  # pixels: what the tiny vision towers of tiny_config take (4 image tokens)
 
 
-def _chat_template(image_text: str) -> str:
-    """``USER: <image text> {question} ASSISTANT:`` like :data:`.data.embedded.CHAT_TEMPLATE`; a message's
-    content may be a string or a list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` items."""
-    image = f"{image_text} " if image_text else ""
-    return (
-        "{% for m in messages %}"
-        "{% if m['role'] == 'user' %}USER: {% elif m['role'] == 'assistant' %}ASSISTANT: {% endif %}"
-        "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}" + image + "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-        "{% endfor %}{% endif %} {% endfor %}"
-        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    )
-
-
 _PALIGEMMA_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}"
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
@@ -455,9 +427,6 @@ _PALIGEMMA_TEMPLATE = (
 
 def _tiny_tokenizer(family: str, vocab_size: int):
     """A word-level ``PreTrainedTokenizerFast`` of exactly ``vocab_size`` tokens laid out like tiny_config."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     special = _special_ids(vocab_size)
     placeholders, image_text = _PLACEHOLDERS.get(family, (_QWEN_TOKENS, _QWEN_IMAGE_TEXT))
     top = {special[id_key]: text for text, id_key in placeholders.values()}
@@ -466,24 +435,15 @@ def _tiny_tokenizer(family: str, vocab_size: int):
     if bos:
         top[special["vision_start_token_id"]] = bos["bos_token"]
     base = ["<pad>", "<unk>", "</s>"]  # pad id 0 as in tiny_config
-    room = vocab_size - _NUM_SPECIAL - len(base)
-    words = list(TINY_WORDS[:room])
-    vocab = {w: i for i, w in enumerate(base + words)}
-    for i in range(len(vocab), vocab_size):  # unused ids (and the reserved top ones) get unreachable fillers
-        vocab[top.get(i, f"<|reserved_{i}|>")] = i
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    # runs of letters/digits, and every punctuation mark alone ("</" is two tokens)
-    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        eos_token="</s>",
-        **bos,
-        extra_special_tokens={name: text for name, (text, _) in placeholders.items()},
+    tokens = base + list(TINY_WORDS[: vocab_size - _NUM_SPECIAL - len(base)])
+    # unused ids (and the reserved top ones) get unreachable fillers
+    tokens += [top.get(i, f"<|reserved_{i}|>") for i in range(len(tokens), vocab_size)]
+    tok = word_tokenizer(
+        tokens, pad="<pad>", unk="<unk>", eos="</s>", bos=bos.get("bos_token"),
+        extra_special_tokens={name: text for name, (text, _) in placeholders.items()}, split_punctuation=True,
+        # PaliGemma is no chat model: its prompt is the image, <bos> (added by its processor) and the question.
+        template=_PALIGEMMA_TEMPLATE if bos else chat_template(image_text),
     )
-    # PaliGemma is no chat model: its prompt is the image, <bos> (added by its processor) and the question.
-    tok.chat_template = _PALIGEMMA_TEMPLATE if bos else _chat_template(image_text)
     for name, (text, id_key) in placeholders.items():  # the layout the tiny models rely on
         assert tok.convert_tokens_to_ids(text) == special[id_key], (name, text)
     assert len(tok) == vocab_size and tok.pad_token_id == special["pad_token_id"]

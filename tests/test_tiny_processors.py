@@ -238,3 +238,23 @@ def test_the_mistral3_prompt_is_pixtrals_layout(one_thread):
         assert out["input_ids"][0].tolist() == expected + [tok.convert_tokens_to_ids("Where")]
         seen.add((rows, cols))
     assert {(2, 2), (2, 4), (4, 2), (1, 1)} <= seen
+
+
+def test_one_word_tokenizer_and_chat_template_serve_the_embedded_model_and_the_tiny_ones():
+    from firempo_kernels.integrations.data.embedded import CHAT_TEMPLATE, build_word_tokenizer, word_tokenizer
+
+    assert tiny_processor("llava").chat_template == build_word_tokenizer().chat_template == CHAT_TEMPLATE
+    tok = tiny_processor("llama")
+    messages = [{"role": "user", "content": "Is it large?"}, {"role": "assistant", "content": [
+        {"type": "text", "text": "yes"}]}]
+    assert tok.apply_chat_template(messages, tokenize=False) == "USER: Is it large? ASSISTANT: yes "
+    with pytest.raises(ValueError, match="must not repeat"):
+        word_tokenizer(["<pad>", "<unk>", "</s>", "a", "a"], pad="<pad>", unk="<unk>", eos="</s>")
+    with pytest.raises(ValueError, match=r"\['<s>'\] must be in `tokens`"):
+        word_tokenizer(["<pad>", "<unk>", "</s>"], pad="<pad>", unk="<unk>", eos="</s>", bos="<s>")
+    # punctuation runs: one token by default, one a mark when split (what <mask> tags need)
+    both = ["<pad>", "<unk>", "</s>", "<", "/", "</", "a"]
+    assert word_tokenizer(both, pad="<pad>", unk="<unk>", eos="</s>")("</a", add_special_tokens=False)[
+        "input_ids"] == [5, 6]
+    assert word_tokenizer(both, pad="<pad>", unk="<unk>", eos="</s>", split_punctuation=True)(
+        "</a", add_special_tokens=False)["input_ids"] == [3, 4, 6]
