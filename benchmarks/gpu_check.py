@@ -6,15 +6,13 @@
 Sized to finish in under 5 minutes on an H100 or H200 (``--budget-s`` stops starting new work once spent;
 what did not run says so). Three stages, each writing into ``--out``:
 
-1. Correctness, ``FIREMPO_BACKEND=triton``, fp32 and bf16, V = 151936, d in {2560, 3584}, N in {64, 512,
-   8192} (plus N = 5 and 17 at d = 2560, which select the 16- and 32-row tiles), fresh random inputs (the
-   seed is printed): ``fused_linear_token_kl`` with a trainable head and a bias and ``fused_linear_logprobs``
-   with a frozen head at temperature 0.7, some targets ignored, random upstream gradients on every output.
-   The reference is float64 autograd over full logits, chunked over rows. Before each call the CUDA caching
-   allocator is filled with NaN and released, so an output element a kernel forgets to write is NaN, not
-   a stale plausible number. fp32 passes at 1e-5 (values, relative to max(1, |ref|)) and 1e-4 (gradients,
-   relative to max |ref|); bf16 passes when its error is at most 1.25x that of eager PyTorch on the same bf16
-   inputs, plus 1e-3. Ignored positions must be exactly 0, with exactly zero rows of dh.
+1. Correctness: the CUDA cases of the test suite (tests/test_cuda_kernels.py: fp32 and bf16, V = 151936
+   and 262144, soft-capped logits, the trained and the frozen head, the vocabulary-split and the tiled
+   launch), then a shape sweep through the same ``run_case``: V in {151936, 262144}, d in {2560, 3584}, N
+   in {64, 512, 8192}, fp32 and bf16, ``fused_linear_token_kl`` with a trained head and a bias and
+   ``fused_linear_logprobs`` with a frozen head and soft-capped logits. One oracle for both: float64
+   autograd over full logits (tests/reference.py), and the tolerance rule of that module, from the error
+   of eager PyTorch in the same dtype. Fresh random inputs (the seed is printed; ``--seed`` replays).
 2. Rates on this card, this run: the bf16 GEMM rate (8192^3) and copy bandwidth.
 3. ``benchmarks/report.py --profile gpu`` in this process (allocator peaks), then, for every fused op row,
    the bf16 cuBLAS time of exactly the matrix products the op performs (forward logits of each model, their
@@ -24,11 +22,10 @@ Files under ``--out``: gpu_check.md (the summary), gpu_check.json, report.md and
 """
 
 import argparse
-import contextlib
+import dataclasses
 import importlib.abc
 import importlib.util
 import json
-import math
 import os
 import statistics
 import sys
@@ -80,216 +77,68 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-VOCAB = 151936
+VOCABS = (151936, 262144)
 DIMS = (2560, 3584)
 TOKENS = (64, 512, 8192)
-SMALL_TOKENS = (5, 17)  # 16- and 32-row tiles; run at the first d only
-IGNORE = -100
 
 
 # ------------------------------------------------------------------------------------------------------
-# Stage 1: correctness
+# Stage 1: correctness, by the CUDA cases of the test suite (tests/test_cuda_kernels.py)
 # ------------------------------------------------------------------------------------------------------
-def eager_outputs(h, w, b, rh, rw, rb, y, tau, upstream, *, need_dw, chunk=None):
-    """Per-token outputs and gradients by autograd over full logits, in the inputs' dtype (float64 for the
-    reference; bf16 for the eager baseline, its logits rounded to bf16 as an eager bf16 model's are).
+def kernel_cases():
+    """The test suite's case module (its float64 reference is tests/reference.py): one set of cases, one
+    oracle, whether pytest or this script runs them."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    import test_cuda_kernels
 
-    ``upstream`` = (g_lp, g_f, g_r) [N] float, (g_f, g_r) None for the log-prob op. Returns
-    (outputs dict, dh, dw or None, db or None); outputs in float64."""
-    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    n = h.shape[0]
-    chunk = chunk or max(n, 1)
-    g_lp, g_f, g_r = upstream
-    has_ref = rh is not None
-    w_leaf = w.detach().requires_grad_(need_dw)
-    b_leaf = None if b is None else b.detach().requires_grad_(need_dw)
-    names = ("logp", "ref_logp", "kl_forward", "kl_reverse") if has_ref else ("logp",)
-    outs = {k: torch.zeros(n, dtype=torch.float64, device=h.device) for k in names}
-    dh = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
-    valid_all = y != IGNORE
-    for i in range(0, n, chunk):
-        rows = slice(i, min(n, i + chunk))
-        hc = h[rows].detach().requires_grad_(True)
-        s = hc @ w_leaf.T
-        if b_leaf is not None:
-            s = s + b_leaf
-        logp_all = torch.log_softmax(s.to(acc) / tau, dim=-1)
-        valid = valid_all[rows]
-        idx = y[rows].clamp(min=0)[:, None]
-        logp = torch.where(valid, logp_all.gather(-1, idx)[:, 0], 0.0)
-        total = (g_lp[rows].to(acc) * logp).sum()
-        outs["logp"][rows] = logp.detach().double()
-        if has_ref:
-            with torch.no_grad():
-                t = rh[rows] @ rw.T
-                if rb is not None:
-                    t = t + rb
-                ref_all = torch.log_softmax(t.to(acc) / tau, dim=-1)
-            kl_f = torch.where(valid, (ref_all.exp() * (ref_all - logp_all)).sum(-1), 0.0)
-            kl_r = torch.where(valid, (logp_all.exp() * (logp_all - ref_all)).sum(-1), 0.0)
-            total = total + (g_f[rows].to(acc) * kl_f).sum() + (g_r[rows].to(acc) * kl_r).sum()
-            outs["ref_logp"][rows] = torch.where(valid, ref_all.gather(-1, idx)[:, 0], 0.0).double()
-            outs["kl_forward"][rows] = kl_f.detach().double()
-            outs["kl_reverse"][rows] = kl_r.detach().double()
-        total.backward()
-        dh[rows] = hc.grad
-        del s, logp_all, total
-    return outs, dh, w_leaf.grad if need_dw else None, (b_leaf.grad if need_dw and b_leaf is not None else None)
+    return test_cuda_kernels
 
 
-def poison_cuda_cache(device, max_bytes: int = 16 << 30) -> None:
-    """Fill memory the caching allocator will hand out next with NaN bytes (0xFF.. is NaN in fp32 and bf16)."""
-    if torch.device(device).type != "cuda":
-        return
-    free, _ = torch.cuda.mem_get_info(device)
-    nbytes = min(max_bytes, int(free * 0.5))
-    blob = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    blob.fill_(0xFF)
-    del blob  # stays reserved in the cache, NaN-filled
+def correctness_plan(smoke: bool = False) -> list:
+    """The suite's CUDA cases, then the shape sweep: for every (V, d, N) and dtype, the trained head with a
+    bias and a reference model, and the frozen head with soft-capped logits. ``smoke``: the suite's cases at
+    the interpreter's sizes, on CPU tensors."""
+    kc = kernel_cases()
+    if smoke:
+        return [kc.small(c) for c in kc.CASES]
+    sweep = [
+        kc.KernelCase(op, dtype, vocab, d, head, softcap, regime=None, tokens=n)
+        for vocab in VOCABS for n in TOKENS for d in DIMS for dtype in ("float32", "bfloat16")
+        for op, head, softcap in (("token_kl", "trained", None), ("logprobs", "frozen", kc.SOFTCAP))
+    ]
+    return list(kc.CASES) + sweep
 
 
-def _rel(err_of, ref, floor_one: bool) -> float:
-    scale = ref.abs().max().item() if ref.numel() else 0.0
-    scale = max(scale, 1.0) if floor_one else max(scale, 1e-30)
-    return err_of / scale
-
-
-def compare(got: dict, ref: dict, floor_one: bool) -> dict:
-    return {k: _rel((got[k].double() - ref[k].double()).abs().max().item() if ref[k].numel() else 0.0,
-                    ref[k].double(), floor_one) for k in ref}
-
-
-def check_case(op, n, d, dtype, device, gen, *, vocab=VOCAB, ref_chunk=1024, backend="triton") -> dict:
-    """One correctness case; returns its record (errors, pass/fail, timings)."""
-    import firempo_kernels as fk
-
-    t0 = time.perf_counter()
-    kl = op == "token_kl"
-    std = 2.0 / math.sqrt(d)
-
-    def rnd(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, device=device) * scale
-
-    h32, rh32 = rnd(n, d), None
-    w32 = rnd(vocab, d, scale=std)
-    b32 = rnd(vocab, scale=0.5) if kl else None
-    rw32 = rb32 = None
-    if kl:
-        rh32 = h32 + 0.3 * rnd(n, d)
-        rw32 = w32 + 0.1 * rnd(vocab, d, scale=std)
-        rb32 = b32 + 0.1 * rnd(vocab, scale=0.5)
-    y = torch.randint(0, vocab, (n,), generator=gen, device=device)
-    y[torch.rand(n, generator=gen, device=device) < 0.05] = IGNORE
-    upstream = (rnd(n), rnd(n) if kl else None, rnd(n) if kl else None)
-    tau = 1.0 if kl else 0.7
-    need_dw = kl  # token_kl: head trains (dW, db); logprobs: frozen head (no dW work at all)
-
-    cast = [None if x is None else x.to(dtype) for x in (h32, w32, b32, rh32, rw32, rb32)]
-    h, w, b, rh, rw, rb = cast
-
-    # The reference: float64, from the same (rounded) inputs.
-    as64 = [None if x is None else x.double() for x in cast]
-    ref_out, ref_dh, ref_dw, ref_db = eager_outputs(*as64, y, tau, upstream, need_dw=need_dw, chunk=ref_chunk)
-    ref = {**ref_out, "dh": ref_dh}
-    if need_dw:
-        ref.update(dw=ref_dw, db=ref_db)
-    del as64
-
-    # The fused op under test.
-    hl = h.detach().requires_grad_(True)
-    wl = w.detach().requires_grad_(need_dw)
-    bl = None if b is None else b.detach().requires_grad_(need_dw)
-    poison_cuda_cache(device)
-    with _backend(backend):
-        if kl:
-            res = fk.fused_linear_token_kl(hl, wl, rh, rw, y, bias=bl, ref_bias=rb, temperature=tau)
-            got = dict(res._asdict())
-            total = (upstream[0] * res.logp + upstream[1] * res.kl_forward + upstream[2] * res.kl_reverse).sum()
-        else:
-            got = {"logp": fk.fused_linear_logprobs(hl, wl, y, temperature=tau)}
-            total = (upstream[0] * got["logp"]).sum()
-        total.backward()
-    got["dh"] = hl.grad
-    if need_dw:
-        got.update(dw=wl.grad, db=bl.grad)
-    ignored = y == IGNORE
-    finite = all(bool(torch.isfinite(v).all()) for v in got.values())
-    ignored_zero = all(bool((got[k][ignored] == 0).all()) for k in ref_out) and bool((got["dh"][ignored] == 0).all())
-
-    value_keys, grad_keys = list(ref_out), [k for k in ("dh", "dw", "db") if k in ref]
-    err = {**compare({k: got[k] for k in value_keys}, {k: ref[k] for k in value_keys}, floor_one=True),
-           **compare({k: got[k] for k in grad_keys}, {k: ref[k] for k in grad_keys}, floor_one=False)}
-    record = {"op": op, "N": n, "d": d, "V": vocab, "dtype": str(dtype).replace("torch.", ""),
-              "head": "trainable+bias" if need_dw else "frozen", "temperature": tau,
-              "finite": finite, "ignored_exactly_zero": ignored_zero, "err": err}
-
-    if dtype == torch.float32:
-        limits = {k: (1e-5 if k in value_keys else 1e-4) for k in err}
-    else:  # bf16/fp16: no worse than eager PyTorch on the same inputs, plus a small tolerance
-        eager_chunk = None
-        while True:
-            try:
-                e_out, e_dh, e_dw, e_db = eager_outputs(h, w, b, rh, rw, rb, y, tau, upstream, need_dw=need_dw,
-                                                        chunk=eager_chunk)
-                break
-            except torch.cuda.OutOfMemoryError:
-                torch.cuda.empty_cache()
-                eager_chunk = max(1, (eager_chunk or n) // 4)
-        eager = {**e_out, "dh": e_dh, **({"dw": e_dw, "db": e_db} if need_dw else {})}
-        e_err = {**compare({k: eager[k] for k in value_keys}, {k: ref[k] for k in value_keys}, floor_one=True),
-                 **compare({k: eager[k] for k in grad_keys}, {k: ref[k] for k in grad_keys}, floor_one=False)}
-        record["eager_err"] = e_err
-        record["eager_chunk"] = eager_chunk
-        limits = {k: 1.25 * e_err[k] + 1e-3 for k in err}
-        del eager, e_out
-    record["limit"] = limits
-    record["passed"] = finite and ignored_zero and all(err[k] <= limits[k] for k in err)
-    record["seconds"] = round(time.perf_counter() - t0, 2)
-    del ref, got
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-    return record
-
-
-@contextlib.contextmanager
-def _backend(name):
-    old = os.environ.get("FIREMPO_BACKEND")
-    os.environ["FIREMPO_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FIREMPO_BACKEND", None)
-        else:
-            os.environ["FIREMPO_BACKEND"] = old
-
-
-def correctness_plan(dims=DIMS, tokens=TOKENS, small_tokens=SMALL_TOKENS, dtypes=("float32", "bfloat16")):
-    """Real shapes first (should the budget run out, the cheap tile-coverage cases are the ones left)."""
-    plan = [(op, n, d, dt) for n in tokens for d in dims for dt in dtypes for op in ("token_kl", "logprobs")]
-    plan += [(op, n, dims[0], dt) for n in small_tokens for dt in dtypes for op in ("token_kl", "logprobs")]
-    return plan
-
-
-def run_correctness(plan, device, deadline, seed, log, vocab=VOCAB, ref_chunk=1024, backend="triton") -> list[dict]:
+def run_correctness(plan, device, deadline, seed, log) -> list[dict]:
+    """Each case's record from the suite's ``run_case``; a case left by the budget or one that crashed says so."""
+    kc = kernel_cases()
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     records = []
-    for op, n, d, dt in plan:
+    for case in plan:
+        stub = {**dataclasses.asdict(case), "case": case.name, "N": case.tokens}
         if time.monotonic() > deadline:
-            records.append({"op": op, "N": n, "d": d, "dtype": dt, "passed": None, "note": "not run (time budget)"})
+            records.append({**stub, "passed": None, "note": "not run (time budget)"})
             continue
         try:
-            rec = check_case(op, n, d, getattr(torch, dt), device, gen, vocab=vocab, ref_chunk=ref_chunk,
-                             backend=backend)
+            rec = kc.run_case(case, device, generator=gen)
         except Exception as err:  # noqa: BLE001 - a crash is a failed check with its reason
-            rec = {"op": op, "N": n, "d": d, "dtype": dt, "passed": False, "note": f"{type(err).__name__}: {err}"[:400]}
+            rec = {**stub, "passed": False, "note": f"{type(err).__name__}: {err}"[:400]}
         records.append(rec)
-        worst = max(rec.get("err", {}).items(), key=lambda kv: kv[1] / max(rec["limit"][kv[0]], 1e-30),
-                    default=("-", float("nan")))
-        log(f"correctness {op:9s} N={n:5d} d={d} {dt:9s}: {'PASS' if rec['passed'] else 'FAIL'}"
-            f" (worst {worst[0]} {worst[1]:.2e}) {rec.get('note', '')}")
+        worst = _worst(rec)
+        log(f"correctness {case.name} N={rec['N']}: {'PASS' if rec['passed'] else 'FAIL'}"
+            f"{f' (worst {worst})' if worst else ''} {rec.get('note', '')}")
     return records
+
+
+def _worst(rec: dict) -> str:
+    """The output or gradient nearest its limit, as 'name: error / limit'."""
+    if "err" not in rec:
+        return ""
+    key = max(rec["err"], key=lambda k: rec["err"][k] / max(rec["limit"][k], 1e-300))
+    return f"{key}: {rec['err'][key]:.2e} / {rec['limit'][key]:.2e}"
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -382,18 +231,17 @@ def render_summary(env, correctness, rates, floors, bench_note) -> str:
            f"Card: {env['device']} ({env['sms']} SMs, {env['memory_gib']:.0f} GiB); torch {env['torch']}, "
            f"triton {env['triton']}; firempo_kernels from the {env['source']}; date {env['date']}; "
            f"command `bash benchmarks/gpu_check.sh`; seed {env['seed']}.", "",
-           f"## Correctness (FIREMPO_BACKEND={env.get('backend', 'triton')}, float64 reference)", "",
-           "| op | N | d | dtype | head | pass | worst error / limit | finite | ignored = 0 | s |",
-           "|---|---:|---:|---|---|---|---|---|---|---:|"]
+           f"## Correctness ({env['kernels']} Triton kernels against float64, tests/test_cuda_kernels.py)", "",
+           "Limit per output and gradient: 4 x the largest error of eager PyTorch in the same dtype, plus the "
+           "rounding of the exact result to the output's dtype (that module's docstring says why).", "",
+           "| case | N | splits | pass | worst error / limit | finite | ignored = 0 | regime | s |",
+           "|---|---:|---|---|---|---|---|---|---:|"]
     for r in correctness:
-        if "err" in r:
-            key = max(r["err"], key=lambda k: r["err"][k] / max(r["limit"][k], 1e-30))
-            worst = f"{key}: {r['err'][key]:.2e} / {r['limit'][key]:.2e}"
-        else:
-            worst = r.get("note", "")
+        worst = _worst(r) or r.get("note", "")
         verdict = {True: "pass", False: "FAIL", None: "not run"}[r.get("passed")]
-        out.append(f"| {r['op']} | {r['N']} | {r['d']} | {r['dtype']} | {r.get('head', '-')} | {verdict} | {worst} "
-                   f"| {r.get('finite', '-')} | {r.get('ignored_exactly_zero', '-')} | {r.get('seconds', '-')} |")
+        splits = ",".join(str(x) for x in sorted(set(r["splits"]))) if r.get("splits") else "-"
+        out.append(f"| {r['case']} | {r['N'] or '-'} | {splits} | {verdict} | {worst} | {r.get('finite', '-')} "
+                   f"| {r.get('ignored_exactly_zero', '-')} | {r.get('regime_ok', '-')} | {r.get('seconds', '-')} |")
     out += ["", "## Rates measured in this run", ""]
     if rates:
         out.append(f"bf16 GEMM 8192^3: {rates['gemm_tflops']:.0f} TFLOP/s; device copy: {rates['copy_tbps']:.2f} TB/s "
@@ -419,10 +267,15 @@ def main(argv=None) -> int:
     parser.add_argument("--correctness-share", type=float, default=0.5, help="part of the budget for stage 1")
     parser.add_argument("--skip-bench", action="store_true")
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device (tests of this script)")
+    parser.add_argument("--smoke", action="store_true", help="the suite's cases at small shapes on CPU tensors, the kernels under the Triton interpreter "
+                        "(the CPU rehearsal of this script)")
     args = parser.parse_args(argv)
 
     t_start = time.monotonic()
+    if args.smoke:
+        # The rehearsal runs the kernels on CPU tensors, which only the interpreter can; Triton chooses it when
+        # the kernels are decorated, so before the import below.
+        os.environ["TRITON_INTERPRET"] = "1"
     source = ensure_importable()
     from benchmarks import report
     from firempo_kernels.integrations.cli import write_whole
@@ -451,18 +304,9 @@ def main(argv=None) -> int:
         log_lines.append(msg)
 
     log(f"gpu_check: {env['device']}, torch {env['torch']}, triton {env['triton']}, seed {seed}")
-    backend = "triton"
-    if smoke:
-        plan = correctness_plan(dims=(32,), tokens=(40,), small_tokens=(5,), dtypes=("float32", "bfloat16"))
-        vocab, ref_chunk = 300, 16
-        # Off a GPU the kernels run only under the Triton interpreter; otherwise check the torch path.
-        backend = "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
-    else:
-        plan, vocab, ref_chunk = correctness_plan(), VOCAB, 1024
-    env["backend"] = backend
+    env["kernels"] = "interpreted" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled"
     deadline = t_start + args.budget_s * args.correctness_share
-    correctness = run_correctness(plan, device, deadline, seed, log, vocab=vocab, ref_chunk=ref_chunk,
-                                  backend=backend)
+    correctness = run_correctness(correctness_plan(smoke), device, deadline, seed, log)
 
     rates, floors, bench_records = {}, [], []
     bench_note = "not run (--skip-bench)" if args.skip_bench else ""

@@ -1,6 +1,6 @@
 """The benchmark code at tiny sizes: every method computes the same thing, the memory method measures what
 it claims, the report renders and updates RESULTS.md only between its markers, and the GPU check's
-CPU-runnable parts (reference, comparison, failure detection, product counts, import shim) work."""
+CPU-runnable parts (its rehearsal through the suite's CUDA cases, its plan, product counts, import shim) work."""
 
 import json
 import os
@@ -269,43 +269,28 @@ def test_checks_compare_the_right_rows():
     assert report.evaluate_checks(checks, [])[0]["result"] == "not measured"
 
 
+@pytest.mark.interpreter
 def test_gpu_check_smoke_passes_and_writes_its_files(tmp_path):
+    """The rehearsal ``bash benchmarks/gpu_check.sh --smoke`` runs: the suite's CUDA cases at small shapes on
+    CPU tensors, the kernels under the interpreter (in this process, which has it on)."""
     assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--seed", "7"]) == 0
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert data["correctness"] and all(r["passed"] for r in data["correctness"])
-    assert {r["dtype"] for r in data["correctness"]} == {"float32", "bfloat16"}
+    kc = gpu_check.kernel_cases()
+    assert [r["case"] for r in data["correctness"]] == [kc.small(c).name for c in kc.CASES]
+    assert all(r["passed"] for r in data["correctness"]) and data["env"]["kernels"] == "interpreted"
     assert "| pass |" in (tmp_path / "gpu_check.md").read_text()
 
 
-def test_gpu_check_catches_a_wrong_op(monkeypatch):
-    import firempo_kernels as fk
-
-    real = fk.fused_linear_logprobs
-    monkeypatch.setattr(fk, "fused_linear_logprobs", lambda *a, **k: real(*a, **k) * (1 + 1e-4))
-    gen = torch.Generator().manual_seed(0)
-    rec = gpu_check.check_case("logprobs", 20, 16, torch.float32, "cpu", gen, vocab=100, ref_chunk=8,
-                               backend="torch")
-    assert rec["passed"] is False and rec["err"]["logp"] > rec["limit"]["logp"]
-
-
-def test_gpu_check_reference_matches_the_op_in_float64():
-    import firempo_kernels as fk
-
-    gen = torch.Generator().manual_seed(1)
-    n, d, v = 9, 8, 40
-    h, rh = torch.randn(n, d, generator=gen, dtype=torch.float64), torch.randn(n, d, generator=gen, dtype=torch.float64)
-    w, rw = torch.randn(v, d, generator=gen, dtype=torch.float64), torch.randn(v, d, generator=gen, dtype=torch.float64)
-    y = torch.randint(0, v, (n,), generator=gen)
-    y[3] = gpu_check.IGNORE
-    g = tuple(torch.randn(n, generator=gen, dtype=torch.float64) for _ in range(3))
-    outs, dh, dw, _ = gpu_check.eager_outputs(h, w, None, rh, rw, None, y, 0.7, g, need_dw=True, chunk=4)
-    hl, wl = h.clone().requires_grad_(), w.clone().requires_grad_()
-    got = fk.fused_linear_token_kl(hl, wl, rh, rw, y, temperature=0.7)
-    (g[0] * got.logp + g[1] * got.kl_forward + g[2] * got.kl_reverse).sum().backward()
-    for name, value in got._asdict().items():
-        torch.testing.assert_close(value, outs[name], rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(hl.grad, dh, rtol=1e-9, atol=1e-10)
-    torch.testing.assert_close(wl.grad, dw, rtol=1e-9, atol=1e-10)
+def test_gpu_check_plan_is_the_suite_cases_then_the_shape_sweep():
+    kc = gpu_check.kernel_cases()
+    plan = gpu_check.correctness_plan()
+    assert plan[:len(kc.CASES)] == kc.CASES
+    sweep = plan[len(kc.CASES):]
+    assert {(c.vocab, c.dim, c.tokens) for c in sweep} == {
+        (v, d, n) for v in (151936, 262144) for d in (2560, 3584) for n in (64, 512, 8192)}
+    assert {(c.dtype, c.op, c.head, c.softcap is not None) for c in sweep} == {
+        (dt, op, head, capped) for dt in ("float32", "bfloat16")
+        for op, head, capped in (("token_kl", "trained", False), ("logprobs", "frozen", True))}
 
 
 def test_gpu_check_counts_the_products_of_each_op():
