@@ -17,6 +17,7 @@ from torch import nn
 from firempo_kernels.losses import FiReMPOLoss, FiReMPOOutput
 from firempo_kernels.precomputed_reference import PrecomputedReference
 
+from . import blocks
 from .batch import PreferenceBatch
 from .blocks import (
     HiddenStatesRequest,
@@ -29,16 +30,8 @@ from .blocks import (
 from .models import ModelAdapter, get_adapter, unwrap_model
 from .reference import Reference, as_reference
 
-__all__ = [
-    "block_hidden_states",
-    "block_targets",
-    "HiddenStatesRequest",
-    "LossRequest",
-    "add_firempo_forward",
-    "call_with_request",
-    "compute_firempo_loss",
-    "loss_for_model",
-]
+# The block names stay importable from here, where custom loops have always found them.
+__all__ = [*blocks.__all__, "compute_firempo_loss", "loss_for_model"]
 
 
 _HYPERPARAMETERS = ("beta", "alpha", "gamma", "lambda_", "visual_pairing", "temperature", "ignore_index")

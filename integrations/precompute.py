@@ -49,7 +49,8 @@ from .reference import (
     whole_head,
 )
 
-__all__ = ["PrecomputedReferenceStore", "PrecomputedStoreReference", "ReferenceShardWriter", "precompute_reference", "STORE_FORMAT", "store_files"]
+__all__ = ["PrecomputedReferenceStore", "PrecomputedStoreReference", "ReferenceShardWriter", "precompute_reference",
+           "STORE_FORMAT", "store_files"]
 
 STORE_FORMAT = 2  # 2: the store records the model it was built from and each example's content hash
 _INDEX = "index.json"
@@ -378,7 +379,8 @@ class PrecomputedReferenceStore:
         """What keeps the store from serving a loss with these settings, one phrase each ([] when it can)."""
         meta, found = self.metadata, []
         if meta["temperature"] != float(temperature) or meta["ignore_index"] != ignore_index:
-            found.append(f"settings (built with temperature={meta['temperature']}, ignore_index={meta['ignore_index']}; "
+            found.append(f"settings (built with temperature={meta['temperature']}, "
+                         f"ignore_index={meta['ignore_index']}; "
                          f"the loss has temperature={temperature}, ignore_index={ignore_index})")
         if needs_hidden and not meta["keep_hidden"]:
             found.append("settings (the loss has alpha > 0, a token KL, but the store kept no hidden states)")

@@ -494,7 +494,8 @@ class FiReMPOTrainer(DPOTrainer):
             unwrap_model(model).to(device)
         precompute_reference(
             reference, itertools.chain(*loaders), directory, policy=model, overwrite=overwrite,
-            temperature=self.loss_fn.temperature, ignore_index=self.loss_fn.ignore_index, keep_hidden=self.loss_fn.needs_reference_hidden,
+            temperature=self.loss_fn.temperature, ignore_index=self.loss_fn.ignore_index,
+            keep_hidden=self.loss_fn.needs_reference_hidden,
             include_corrupted=self.loss_fn.needs_corrupted_pass, rank=self.accelerator.process_index,
             world_size=self.accelerator.num_processes, device=device,
             progress=not bool(os.environ.get("TQDM_DISABLE")), shared_prefix=self.args.shared_prefix,

@@ -1,7 +1,9 @@
-"""FiReMPOTrainer on TRL's DPOTrainer, one process: the DPO preset equals TRL's own sigmoid DPO, FiRe-MPO trains
-with each reference (LoRA adapters disabled, a frozen model, a precomputed store) and logs every metric, and each
-registered vision-language family trains with images and corrupted images (the ZeRO-3 runs are in
-test_trainer_distributed.py)."""
+"""FiReMPOTrainer on TRL's DPOTrainer, one process: the DPO preset equals TRL's own sigmoid DPO; with each
+reference (frozen model, LoRA adapters disabled, a precomputed store) and each preset, one step logs the loss and
+rewards of the full-logits float64 computation and moves the weights by exactly its gradient, the reward margin
+changing as that gradient predicts (tests/trainer_checks.py); every metric is logged, each registered
+vision-language family trains with images and corrupted images, and a store of another run is refused and kept
+(the ZeRO-3 runs are in test_trainer_distributed.py)."""
 
 import os
 
@@ -12,6 +14,7 @@ from PIL import Image
 
 from firempo_kernels.integrations.smoke import tiny_model, tiny_processor
 from firempo_kernels.integrations.trl import FiReMPOConfig, FiReMPOTrainer
+from trainer_checks import assert_close, float64_copy, full_logits, full_logits_loss, trainable
 
 peft = pytest.importorskip("peft")
 trl = pytest.importorskip("trl")
@@ -47,10 +50,11 @@ TEXT_ROWS = [
 ]
 
 
-def vision_dataset(n=4, every_corrupted=2):
+def vision_dataset(n=4, every_corrupted=2, tagged=True):
     rows = []
     for i in range(n):
-        row = dict(TEXT_ROWS[i % len(TEXT_ROWS)], id=f"ex{i}", images=[image(i)])
+        text = TEXT_ROWS[i % len(TEXT_ROWS)]
+        row = dict(text if tagged else untagged([text])[0], id=f"ex{i}", images=[image(i)])
         row["corrupted_images"] = [image(100 + i)] if i % every_corrupted == 0 else []
         rows.append(row)
     return Dataset.from_list(rows)
@@ -195,3 +199,98 @@ def test_a_store_of_another_run_is_refused_and_kept(tmp_path):
     trainer(2, overwrite_precomputed_reference=True)
     assert {p.name: p.read_bytes() for p in store.iterdir()} != before
     trainer(2)  # the rebuilt store serves the second model (and keeps hidden states for its token KL)
+
+
+# One step on a fixed batch of four rows (two with a v'), plain SGD without clipping: the update is minus the
+# learning rate times the loss's gradient, held to the gradient of the full-logits float64 loss. lambda = 0.3
+# (not 0.5) so that the two KL directions weigh differently; alpha and gamma large enough that their terms
+# move the step well beyond rounding.
+STEP_HP = {
+    "firempo": dict(beta=0.5, alpha=0.5, gamma=0.5, lambda_=0.3),
+    "rrpo": dict(beta=0.5, alpha=0.5),  # gamma 0, lambda 1: the forward KL alone
+    "mask_dpo": dict(beta=0.5),  # gamma 0, alpha 0
+    "dpo": dict(beta=0.5),  # as mask_dpo, every response token weighted
+}
+STEP_LR = 1e-3
+
+
+def sharp(model, factor=8.0):
+    """``model`` with its output head scaled: a tiny random model's next-token distributions are near uniform,
+    where KL(p||q) and KL(q||p) agree to third order; sharper ones tell the two directions apart."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(factor)
+    return model
+
+
+@pytest.mark.parametrize("reference, preset", [
+    ("model", "firempo"), ("adapters_disabled", "firempo"), ("precomputed", "firempo"),
+    ("model", "rrpo"), ("model", "mask_dpo"), ("model", "dpo"),
+])
+def test_one_step_against_the_full_logits_loss(tmp_path, reference, preset):
+    family = "llava"
+    rows = vision_dataset(4, tagged=preset != "dpo")
+    extra = {}
+    if reference == "model":
+        extra["ref_model"] = sharp(tiny_model(family, seed=2))
+    else:
+        extra["peft_config"] = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                                               init_lora_weights=False)
+    args = FiReMPOConfig(**config(
+        tmp_path, per_device_train_batch_size=4, max_steps=1, optim="sgd", learning_rate=STEP_LR,
+        lr_scheduler_type="constant", max_grad_norm=0.0, preset=preset, **STEP_HP[preset],
+        reference_mode="precomputed" if reference == "precomputed" else "auto",
+        precomputed_reference_dir=str(tmp_path / "store")))
+    hp = {name: getattr(args, name) for name in ("beta", "alpha", "gamma", "lambda_")}  # the preset's filled in
+    trainer = FiReMPOTrainer(sharp(tiny_model(family, seed=1)), args=args, train_dataset=rows,
+                             processing_class=tiny_processor(family), **extra)
+    assert trainer.reference.mode == reference
+    batch = trainer.data_collator([rows[i] for i in range(len(rows))])["batch"]
+    tok = trainer.processing_class.tokenizer
+    for i, row in enumerate(rows):  # the rows the independent loss reads: y+ of each example first, then y-
+        for offset, side in ((0, "chosen"), (len(rows), "rejected")):
+            labels, text = batch.labels[offset + i], row[side].replace("<mask>", "").replace("</mask>", "")
+            expected = tok(text, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            assert tok.decode(labels[labels != -100]) == tok.decode(expected), (i, side)
+
+    def independent(model):
+        policy = float64_copy(model)
+        if reference == "model":
+            ref = float64_copy(trainer.ref_model)
+        else:  # the policy with its adapters off (the precomputed store was built from it)
+            def ref(images):
+                with policy.disable_adapter():
+                    return full_logits(policy, batch, images)
+        return (policy, *full_logits_loss(policy, ref, batch, **hp, corrupted=True))
+
+    policy64, loss64, margin64, expected = independent(trainer.model)
+    params64 = trainable(policy64)
+    def gradient(value, **kwargs):  # zero for a parameter the loss does not reach (a vision layer left unused)
+        found = torch.autograd.grad(value, list(params64.values()), allow_unused=True, **kwargs)
+        return [torch.zeros_like(p) if g is None else g for p, g in zip(params64.values(), found)]
+
+    grads = dict(zip(params64, gradient(loss64, retain_graph=True)))
+    margin_grads = gradient(margin64)
+    predicted = -STEP_LR * sum((g * gm).sum() for g, gm in zip(grads.values(), margin_grads)).item()
+    before = {n: p.detach().clone() for n, p in trainable(trainer.model).items()}
+    assert before.keys() == grads.keys() and len(grads) > 0
+
+    trainer.train()
+    (row,) = step_rows(trainer.state.log_history)
+    # The fused path works in fp32 on ~10 span tokens of log-probs ~ -5 per row: a few 1e-6 absolute.
+    for name in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "loss/rank", "loss/visual",
+                 "loss/kl"):
+        assert_close(row[name], expected[name], rtol=1e-5, atol=1e-5, what=f"{reference}/{preset}: logged {name}")
+    scale = max(g.abs().max().item() for g in grads.values())
+    for name, p in trainable(trainer.model).items():
+        step = (p.detach().double() - before[name].double()) / -STEP_LR
+        # The new weight is rounded to fp32: |w| * 2^-24 over the learning rate; the fp32 backward rounds at
+        # ~1e-6 of the terms it sums, whose size is that of the largest gradients, not of an entry that cancels
+        # to ~0 (a key bias, to which softmax is blind).
+        atol = before[name].abs().max().item() * 2.0**-23 / STEP_LR + 1e-5 * scale
+        assert_close(step, grads[name], rtol=1e-4, atol=atol, what=f"{reference}/{preset}: step of {name} / -lr")
+    *_, after = independent(trainer.model)
+    change = (after["rewards/margins"] - expected["rewards/margins"]).item()
+    # First order in the step: the change is the gradients' inner product, its sign that of the prediction.
+    assert change * predicted > 0 and abs(change - predicted) <= 0.2 * abs(predicted), (change, predicted)
+    if hp["alpha"] == 0 and hp["gamma"] == 0:
+        assert change > 0  # the rank term alone can only push the margin up
