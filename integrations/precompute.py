@@ -91,7 +91,7 @@ def _claim_directory(directory: Path, overwrite: bool, rank: int, world_size: in
         raise FileExistsError(
             f"precompute_reference: {directory} already holds {_describe_store(directory)}; a store is never "
             "rebuilt over silently. Choose another directory, or replace it explicitly (overwrite=True; "
-            "firempo-train: overwrite_precomputed_reference)"
+            "firempo-train --overwrite-reference-store)"
         )
     if world_size > 1:
         torch.distributed.barrier()

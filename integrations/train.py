@@ -9,7 +9,8 @@ Several GPUs / nodes (DeepSpeed's launcher; ``--hostfile`` for multi-node)::
     deepspeed --num_gpus 8 --module firempo_kernels.integrations.train --config run.yaml
     torchrun --nproc_per_node 8 -m firempo_kernels.integrations.train --config run.yaml
 
-Reference pass for the precomputed-reference mode (writes the store, then exits)::
+Reference pass for the precomputed-reference mode (writes the store, then exits; a store already there that
+another model, head, data or loss setting built is refused and kept, unless ``--overwrite-reference-store``)::
 
     firempo-train --config run.yaml --precompute-reference
 
@@ -26,6 +27,7 @@ import argparse
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import sys
 from pathlib import Path
@@ -73,6 +75,13 @@ def deepspeed_config_path(run: RunConfig) -> str | None:
     return str(shipped) if not Path(spec).is_file() and shipped.is_file() else spec
 
 
+def _warmup_steps(ratio: float) -> float:
+    """transformers' ``warmup_steps`` for a warm-up over ``ratio`` of the run: it reads a value below 1 as that
+    share of the steps and 1 or more as a step count, so a whole-run warm-up (ratio 1) is the largest float
+    below 1, whose share ceil(N * (1 - 2^-53)) of any run of N < 2^52 steps is N."""
+    return math.nextafter(1.0, 0.0) if ratio >= 1.0 else float(ratio)
+
+
 def training_arguments(run: RunConfig, **overrides: Any):
     """The :class:`~.trl.FiReMPOConfig` of a run config (the ``training`` and ``loss`` sections, the
     reference mode and store, DeepSpeed). Create it before loading the models: under ZeRO-3 transformers then
@@ -94,7 +103,7 @@ def training_arguments(run: RunConfig, **overrides: Any):
         adam_beta1=t.adam_betas[0],
         adam_beta2=t.adam_betas[1],
         adam_epsilon=t.adam_eps,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=_warmup_steps(t.warmup_ratio),
         lr_scheduler_type="cosine_with_min_lr",
         lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
         per_device_train_batch_size=t.micro_batch_size,
@@ -242,13 +251,15 @@ def _head_placement_callback(log):
     return HeadPlacement()
 
 
-def build_trainer(run: RunConfig, *, log=print, precompute: bool = False):
+def build_trainer(run: RunConfig, *, log=print, precompute: bool = False, overwrite_store: bool = False):
     """The :class:`~.trl.FiReMPOTrainer` of a run config (models built, data loaded, nothing trained yet).
-    ``precompute``: the reference store is built during construction (TRL's precompute step)."""
+    ``precompute``: the reference store is built during construction (TRL's precompute step);
+    ``overwrite_store``: a store there that does not serve the run is rebuilt instead of refused."""
     from .models import unwrap_model
     from .trl import FiReMPOCollator, FiReMPOTrainer
 
-    args = training_arguments(run, **({"reference_mode": "precomputed"} if precompute else {}))
+    args = training_arguments(run, overwrite_precomputed_reference=overwrite_store,
+                              **({"reference_mode": "precomputed"} if precompute else {}))
     on_gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     attn, why = choose_attn_implementation(run.model.attn_implementation, on_gpu)
@@ -303,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="run config (YAML or JSON)")
     parser.add_argument("--precompute-reference", action="store_true",
                         help="run the reference over the data, store it, and exit")
+    parser.add_argument("--overwrite-reference-store", action="store_true",
+                        help="rebuild a precomputed reference store that another model, data or loss setting built "
+                             "(without it such a store is refused and kept)")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.learning_rate=5e-7")
@@ -335,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             # Before any model is built: under ZeRO-3 transformers builds models inside deepspeed.zero.Init,
             # which sizes its partitions by the process group it finds.
             deepspeed.init_distributed(verbose=False)
-        trainer = build_trainer(run, log=log, precompute=args.precompute_reference)
+        trainer = build_trainer(run, log=log, precompute=args.precompute_reference,
+                                overwrite_store=args.overwrite_reference_store)
         if args.precompute_reference:
             log(f"precomputed reference written to {trainer.precomputed_reference_dir}")
             finished = True

@@ -458,9 +458,10 @@ class FiReMPOTrainer(DPOTrainer):
             except ValueError as e:  # another format
                 problems = [str(e)]
             else:
+                source = store.source_mismatches(*self._live_reference())
                 problems = [
                     *store.data_mismatches([example_id(row) for ds in datasets for row in _text_rows(ds)]),
-                    *store.source_mismatches(*self._live_reference()),
+                    *([f"built from another reference model: {'; '.join(source)}"] if source else []),
                     *store.setting_mismatches(
                         temperature=self.loss_fn.temperature, ignore_index=self.loss_fn.ignore_index,
                         needs_hidden=self.loss_fn.needs_reference_hidden, needs_corrupted=self._corrupted_pass),
@@ -469,9 +470,10 @@ class FiReMPOTrainer(DPOTrainer):
                 return
             if not overwrite:
                 raise ValueError(
-                    f"FiReMPOTrainer: the precomputed reference in {directory} was built for another run: "
+                    f"FiReMPOTrainer: the precomputed reference in {directory} does not serve this run: "
                     f"{'; '.join(problems)}. It is kept as it is: set precomputed_reference_dir to another folder, "
-                    "or rebuild it in place with overwrite_precomputed_reference=True"
+                    "or rebuild it in place with overwrite_precomputed_reference=True (firempo-train "
+                    "--overwrite-reference-store)"
                 )
         reference, model = self._live_reference()
         if self.is_deepspeed_enabled and any(hasattr(p, "ds_id") for p in unwrap_model(model).parameters()):

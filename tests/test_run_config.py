@@ -319,3 +319,40 @@ def test_loss_section_builds_the_loss():
     built = FiReMPOLoss.from_preset(loss.preset, **loss.preset_overrides())
     assert (built.alpha, built.gamma, built.lambda_, built.temperature) == (0.1, 0.5, 1.0, 2.0)
     assert DataSection(path="x").source() == "path"
+
+
+@pytest.mark.parametrize("warmup_ratio, min_lr_ratio", [(0.0, 0.0), (0.3, 0.1), (0.5, 0.0), (1.0, 0.2)])
+def test_the_learning_rate_schedule_is_transformers_own_for_the_warmup_share(warmup_ratio, min_lr_ratio):
+    """The trainer's scheduler for a run config (Trainer.create_scheduler on the arguments built from it) equals
+    transformers' cosine-with-min-lr schedule warmed up over ceil(warmup_ratio * N) of N steps, step by step
+    (warmup_ratio 1 is the whole run, not one step)."""
+    import math
+    import types
+
+    import torch
+    import transformers
+
+    from firempo_kernels.integrations import train
+
+    steps = 12
+    run = run_config_from_dict(with_value("training", {"learning_rate": 1e-3, "warmup_ratio": warmup_ratio,
+                                                       "min_lr_ratio": min_lr_ratio, "max_steps": steps}))
+    args = train.training_arguments(run, deepspeed=None, report_to="none")
+
+    def rates(make_scheduler):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        scheduler, found = make_scheduler(optimizer), []
+        for _ in range(steps):
+            found.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return found
+
+    trainer = types.SimpleNamespace(args=args, lr_scheduler=None)
+    actual = rates(lambda opt: transformers.Trainer.create_scheduler(trainer, steps, opt))
+    expected = rates(lambda opt: transformers.get_scheduler(
+        "cosine_with_min_lr", opt, num_warmup_steps=math.ceil(warmup_ratio * steps), num_training_steps=steps,
+        scheduler_specific_kwargs={"min_lr_rate": min_lr_ratio}))
+    assert actual == expected
+    if warmup_ratio == 1.0:
+        assert actual == sorted(actual) and actual[-1] == pytest.approx(1e-3 * (steps - 1) / steps)

@@ -86,3 +86,28 @@ def test_attention_is_chosen_automatically():
     impl, why = train.choose_attn_implementation("auto", on_gpu=True)
     assert (impl, why) in {("flash_attention_2", "flash-attn is installed"), ("sdpa", "flash-attn is not installed")}
     assert train.choose_attn_implementation("eager", on_gpu=True) == ("eager", "as configured")
+
+
+def test_a_store_of_another_model_is_refused_by_name_and_kept(tmp_path, capsys, monkeypatch):
+    """A store built for one model, then a training run pointed at it with another: exit 2, the mismatch named,
+    the first store byte for byte intact; --overwrite-reference-store rebuilds it for the second model."""
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    store = tmp_path / "store"
+
+    def firempo_train(out, seed, *extra):
+        return train.main(["--config", str(SMOKE), *extra, "deepspeed=null", f"model.seed={seed}",
+                           "data.synthetic.num_examples=2", "training.max_steps=1", "training.progress_bar=false",
+                           "training.gradient_checkpointing=false", "reference.mode=precomputed",
+                           f"reference.precomputed_dir={store}", f"training.output_dir={tmp_path / out}"])
+
+    assert firempo_train("pre", 1, "--precompute-reference") == 0
+    before = {p.name: p.read_bytes() for p in store.iterdir()}
+    capsys.readouterr()
+    assert firempo_train("run", 2) == 2
+    err = capsys.readouterr().err
+    assert "built from another reference model" in err and "output head weights" in err, err
+    assert err.count("firempo-train: error") == 1 and "--overwrite-reference-store" in err
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == before
+    assert not (tmp_path / "run" / "trainer_state.json").exists()
+    assert firempo_train("run", 2, "--overwrite-reference-store") == 0
+    assert {p.name: p.read_bytes() for p in store.iterdir()} != before

@@ -189,7 +189,8 @@ def test_a_store_of_another_run_is_refused_and_kept(tmp_path):
     trainer(1, alpha=0.0)  # no token KL: the store keeps no hidden states
     before = {p.name: p.read_bytes() for p in store.iterdir()}
     trainer(1, alpha=0.0)  # the same run again: the store serves it as it is
-    with pytest.raises(ValueError, match=r"built for another run: output head weights \(\w+ when built, \w+ now\)"):
+    with pytest.raises(ValueError, match=r"does not serve this run: built from another reference model: output head "
+                                         r"weights \(\w+ when built, \w+ now\)"):
         trainer(2, alpha=0.0)  # another model of the same architecture
     with pytest.raises(ValueError, match=r"settings \(the loss has alpha > 0"):
         trainer(1)
