@@ -20,7 +20,7 @@ given the image and the question; computed from hidden states with the fused op,
 
 With ``--generate`` the models also answer greedily (:func:`generate_and_score`), and the answers are scored as
 papers score them (:mod:`.metrics`): exact match and recall of open answers, closed accuracy of the generated
-answers, an LLM judge's accuracy (``--judge openai:MODEL``), BLEU-1..4 and ROUGE-L on reports; per kind, each
+answers, an LLM judge's accuracy (``--judge openai:MODEL``), BLEU-1..4, ROUGE-L and METEOR on reports; per kind, each
 with its standard error (:func:`~.metrics.answer_table`).
 
 Command line::
@@ -495,7 +495,7 @@ def generate_and_score(
 ) -> tuple[AnswerReport, list[str]]:
     """Greedy answers of ``model`` to ``records`` (batched, with a progress bar), scored by
     :func:`~.metrics.score_answers`: exact match, recall, closed accuracy of the generated answers, the judge's
-    accuracy on open ones when ``judge`` is given, BLEU-1..4 and ROUGE-L on reports.
+    accuracy on open ones when ``judge`` is given, BLEU-1..4, ROUGE-L and METEOR on reports.
 
     Returns:
         ``(report, answers)``: the scores and the answers (one string per record, same order).
@@ -518,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the reports as JSON here")
     ap.add_argument("--generate", action="store_true",
                     help="also answer every record greedily and score the answers (exact match, recall, closed "
-                    "accuracy; BLEU-1..4 and ROUGE-L on reports)")
+                    "accuracy; BLEU-1..4, ROUGE-L and METEOR on reports)")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="--generate: answer length limit")
     ap.add_argument("--judge", default=None, metavar="openai:MODEL",
                     help="--generate: an LLM on an OpenAI-compatible server judges the open answers")
