@@ -267,9 +267,12 @@ def margins_paragraph(clean_first: float, clean_last: float, visual_first: float
         "unseen scans is in the held-out tables below.")
 
 
-def write_report(out: Path, cfg: DemoConfig, facts: dict[str, Any], rows, base, trained, png: Path) -> Path:
-    """``report.md``: setup, training curves summary, base vs trained table and the verdicts."""
+def write_report(out: Path, cfg: DemoConfig, facts: dict[str, Any], rows, base, trained, png: Path,
+                 answers: dict[str, Any]) -> Path:
+    """``report.md``: setup, training curves summary, base vs trained tables (log-prob ranking and the
+    generated answers' scores) and the verdicts."""
     from .evaluate import comparison_table, kind_table
+    from .metrics import answer_table
 
     first = {n: _mean(rows, n, "first") for n in REPORT_ROWS}
     last = {n: _mean(rows, n, "last") for n in REPORT_ROWS}
@@ -311,6 +314,9 @@ def write_report(out: Path, cfg: DemoConfig, facts: dict[str, Any], rows, base, 
         "no right answer: accuracy on v' near chance and margins that move toward zero are what looking at the "
         "lesion gives, and the presence question's 'no lesion' rate on v' is the one right answer there):",
         kind_table({"base": base, "trained": trained}),
+        "Greedy answers, scored as medical VQA papers score them (exact match and recall of the answer's words, "
+        "closed accuracy of the generated answer; percent, each with its standard error):",
+        answer_table(answers),
         "## What moved and what did not",
         *verdicts(base, trained),
         "A model this small, trained for minutes on synthetic scans, shows the mechanics (on-policy pairs, "
@@ -342,7 +348,7 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
     from .data.evidence import evidence_check
     from .data.embedded import build_processor, build_tiny_llava
     from .data.synthetic import make_synthetic_vqa
-    from .evaluate import ModelScorer, evaluate
+    from .evaluate import ModelScorer, evaluate, generate_and_score
 
     started = time.perf_counter()
     if out.exists() and any(out.iterdir()):
@@ -389,6 +395,7 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
          f"measured what each corruption leaves visible")
 
     base_report = evaluate(heldout, ModelScorer(model, processor))
+    base_answers, base_said = generate_and_score(heldout, model, processor, max_new_tokens=cfg.max_new_tokens)
     _say(f"base model: closed accuracy {100 * base_report.accuracy:.1f}%, visual sensitivity "
          f"{base_report.sensitivity:+.3f} nats")
 
@@ -405,9 +412,12 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
 
     trained, _ = load_model(str(final))
     trained_report = evaluate(heldout, ModelScorer(trained, processor))
+    trained_answers, trained_said = generate_and_score(heldout, trained, processor, max_new_tokens=cfg.max_new_tokens)
     eval_path = out / "eval.json"
+    generated = {name: {"scores": r.to_json(), "answers": dict(zip((q.id for q in heldout), said))}
+                 for name, r, said in (("base", base_answers, base_said), ("trained", trained_answers, trained_said))}
     write_whole(eval_path, json.dumps({"base": base_report.to_json(), "trained": trained_report.to_json(),
-                                       "config": asdict(cfg)}, indent=2))
+                                       "generated": generated, "config": asdict(cfg)}, indent=2))
     _say(f"trained model: closed accuracy {100 * trained_report.accuracy:.1f}%, visual sensitivity "
          f"{trained_report.sensitivity:+.3f} nats; wrote both evaluations to {eval_path}")
 
@@ -420,7 +430,8 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
         "warmup_first": warmup[0], "warmup_last": warmup[-1], "pairs_summary": stats.summary(),
         "evidence": evidence,
     }
-    return write_report(out, cfg, facts, rows, base_report, trained_report, png)
+    return write_report(out, cfg, facts, rows, base_report, trained_report, png,
+                        {"base": base_answers, "trained": trained_answers})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -48,13 +48,23 @@ def test_curves_and_report(tmp_path):
     facts = dict(total_s=100.0, train_s=50.0, steps=40, train_records=10, heldout_records=5, parameters=1234,
                  warmup_first=3.0, warmup_last=0.5, pairs_summary="10 pairs",
                  evidence={"paper": "| kind | paper table |", "inpaint": "| kind | inpaint table |"})
-    text = demo.write_report(tmp_path, demo.QUICK, facts, rows, rep, rep, png).read_text()
+    from firempo_kernels.integrations.data.records import QARecord
+    from firempo_kernels.integrations.metrics import score_answers
+
+    asked = [QARecord(id="synth-heldout-00000-side", image="x.png", question="Is the lesion in the left or the right lung?",
+                      ground_truth="The lesion is in the left lung", answer_type="closed", candidates=("left", "right"))]
+    answers = {"base": score_answers(asked, ["The lesion is in the right lung"]),
+               "trained": score_answers(asked, ["The lesion is in the left lung"])}
+    text = demo.write_report(tmp_path, demo.QUICK, facts, rows, rep, rep, png, answers).read_text()
     assert "![training curves](curves.png)" in text
     assert "| loss | 0.6975 | 0.6615 |" in text  # means of steps 1-4 and 37-40
     assert "| closed-question accuracy (100 records) | 50.0% | 50.0% |" in text
     assert "## What moved and what did not" in text
     assert "**v' = paper**\n\n| kind | paper table |" in text and "**v' = inpaint**" in text
     assert "| kind / measure | base | trained |" in text  # the per-kind table of both models
+    # the generated answers' table: a wrong then a right closed answer
+    closed_row = next(line for line in text.splitlines() if "closed accuracy, generated" in line)
+    assert "| 0.0 ± 0.0 | 100.0 ± 0.0 |" in closed_row, closed_row
 
 
 def test_margins_paragraph_states_numbers_without_a_verdict():
@@ -86,7 +96,11 @@ def test_whole_path_on_tiny_sizes(tmp_path, monkeypatch, capsys):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows and all(k in rows[0] for k in demo.TRAIN_CURVES)
     evals = json.loads((out / "eval.json").read_text())
-    assert set(evals) == {"base", "trained", "config"}
+    assert set(evals) == {"base", "trained", "generated", "config"}
+    heldout_ids = [json.loads(x)["id"] for x in (out / "data/heldout.jsonl").read_text().splitlines()]
+    for name in ("base", "trained"):
+        assert list(evals["generated"][name]["answers"]) == heldout_ids
+        assert evals["generated"][name]["scores"]["overall"]["answered"] == len(heldout_ids)
     assert 0.0 <= evals["trained"]["accuracy"] <= 1.0 and math.isfinite(evals["base"]["sensitivity"])
     printed = capsys.readouterr().out
     assert f"wrote the training curves to {out / 'curves.png'}" in printed
