@@ -50,7 +50,8 @@ def tiny_config(family: str, *, vocab_size: int = 128, hidden_size: int = 32, nu
     """A transformers config of ``family`` (one of :data:`TINY_FAMILIES`) small enough for CPU tests.
 
     Vision towers take 16 x 16 pixel images: 4 placeholder tokens for Llava and PaliGemma (8-pixel patches),
-    4 for the Qwen-VL families (4-pixel patches merged 2 x 2), 4 for Gemma 3 (4-pixel patches pooled 2 x 2).
+    4 for the Qwen-VL families (4-pixel patches merged 2 x 2), 4 for Gemma 3 (4-pixel patches pooled 2 x 2), 4
+    per 16 x 16 tile for Idefics3 and SmolVLM, 2 x 2 plus row ends for Mistral 3 (Pixtral, images up to 32 x 32).
     Special token ids sit at the top of the vocabulary.
     """
     import transformers
@@ -601,7 +602,8 @@ def tiny_processor(family: str, *, vocab_size: int = 128):
       ``<|image|>`` (up to 70 tokens an image); PaliGemma ``<image> x 4<bos>`` before the prompt (no chat
       words); LlavaNext and LlavaOnevision anyres over 16 x 16 tiles; Idefics3 split images with
       ``<row_r_col_c>`` tokens and a ``<global-img>``; InternVL ``<img><IMG_CONTEXT> x 4 per tile</img>``;
-      Qwen3.5 as Qwen3-VL. Their images keep their shapes as the stock processors treat them.
+      Qwen3.5 as Qwen3-VL; SmolVLM as Idefics3; Mistral 3 ``[IMG]`` rows closed by ``[IMG_BREAK]`` /
+      ``[IMG_END]``. Their images keep their shapes as the stock processors treat them.
 
     Returns:
         ``"llama"``: the tokenizer alone. ``"llava"``: a ``LlavaProcessor``. ``"qwen2_vl"``, ``"qwen2_5_vl"``,
@@ -611,8 +613,10 @@ def tiny_processor(family: str, *, vocab_size: int = 128):
         not reload with ``AutoProcessor`` (the tiny classes are not registered): call this function again.
         ``"gemma3"``, ``"paligemma"``, ``"paligemma2"``, ``"llava_next"``, ``"idefics3"``: the stock class,
         whose saved folder reloads with ``AutoProcessor``. ``"llava_onevision"``, ``"internvl"``,
-        ``"gemma4"``, ``"qwen3_5"``: images-only subclasses of the stock class (its video processor needs
-        torchvision; Gemma 4's audio feature extractor is left out too).
+        ``"gemma4"``, ``"qwen3_5"``, ``"smolvlm"``: images-only subclasses of the stock class (its video
+        processor needs torchvision; Gemma 4's audio feature extractor is left out too). ``"mistral3"``:
+        ``TinyPixtralProcessor``, a ``ProcessorMixin`` of this module writing Pixtral's image prompt (the
+        stock ``PixtralProcessor``'s module imports torchvision).
 
     Example::
 
