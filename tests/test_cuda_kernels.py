@@ -4,9 +4,10 @@ Each case runs ``fused_linear_token_kl`` (policy with a bias, and a reference mo
 ``fused_linear_logprobs`` forward and backward with random upstream gradients on every output, and compares
 values and gradients with float64 autograd over full logits. The cases span fp32 and bf16; the real
 vocabularies 151,936 and 262,144; soft-capped and plain logits; a trained head (dW, db) and a frozen one
-(no weight gradient work); and the forward's two launch regimes, checked from the launch itself: few tokens,
-where programs split the vocabulary of one row block between them, and many tokens, where each program
-streams the whole vocabulary for its rows (``tiled``). Eight cases cover every pair of these levels.
+(no weight gradient work); and the forward's two launch regimes, checked from the launch itself: few tokens
+(13 or 29, the 16- and 32-row tiles), where programs split the vocabulary of one row block between them, and
+many tokens (64-row tiles), where each program streams the whole vocabulary for its rows (``tiled``). Eight
+cases cover every pair of these levels.
 
 Where there is no CUDA device the ``cuda`` cases skip, saying so. The ``cpu`` parameter runs the same cases
 on CPU tensors through the Triton interpreter at small shapes, so this code is itself tested on every
@@ -62,8 +63,8 @@ REFERENCE_ELEMENTS = {"cuda": 1 << 27, "cpu": 1 << 22}
 
 @dataclasses.dataclass(frozen=True)
 class KernelCase:
-    """One correctness case. ``tokens`` None: chosen for ``regime`` on the device (:func:`case_tokens`);
-    ``regime`` None: no expectation about the launch (shape sweeps)."""
+    """One correctness case. ``tokens`` None: many for the device (:func:`case_tokens`); ``regime`` None: no
+    expectation about the launch (shape sweeps)."""
 
     op: str  # "token_kl" (policy with a bias, and a reference model) or "logprobs"
     dtype: str  # "float32" or "bfloat16"
@@ -104,6 +105,8 @@ def _cases() -> list[KernelCase]:
                     head="frozen" if frozen else "trained",
                     softcap=SOFTCAP if capped else None,
                     regime="tiled" if tiled else "split",
+                    # Few tokens take the 16- and 32-row tiles (many take the 64-row ones), in each dtype.
+                    tokens=None if tiled else (13 if bf16 == frozen else 29),
                 ))
     return cases
 
@@ -112,18 +115,17 @@ CASES = _cases()
 
 
 def case_tokens(case: KernelCase, device: torch.device) -> int:
-    """N for ``case`` on ``device``: its own ``tokens``, else few (split) or many (tiled) for the device.
+    """N for ``case`` on ``device``: its own ``tokens``, else many for the device.
 
-    Ragged on purpose: the last row block is partly masked. On CUDA the tiled count gives at least one
-    64-row block per SM, so no program splits the vocabulary; on CPU (the interpreter, 16-row blocks) the
-    counts are small, 5 rows in one block or 40 in three.
+    Ragged on purpose: the last row block is partly masked. On CUDA the count leaves at least one 64-row
+    block per SM once every 17th row, ignored, is compacted away (16/17 of 68 rows per SM), so no program
+    splits the vocabulary; on CPU (the interpreter, 16-row blocks) it is 40 rows, 37 kept, in three blocks.
     """
     if case.tokens is not None:
         return case.tokens
     if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        return 61 if case.regime == "split" else 64 * sms + 37
-    return 5 if case.regime == "split" else 40
+        return 68 * torch.cuda.get_device_properties(device).multi_processor_count + 37
+    return 40
 
 
 def small(case: KernelCase) -> KernelCase:
