@@ -276,7 +276,10 @@ def test_gpu_check_smoke_passes_and_writes_its_files(tmp_path):
     assert gpu_check.main(["--smoke", "--out", str(tmp_path), "--seed", "7"]) == 0
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     kc = gpu_check.kernel_cases()
-    assert [r["case"] for r in data["correctness"]] == [kc.small(c).name for c in kc.CASES]
+    assert [r["case"] for r in data["correctness"]] == [kc.small(c).name for c in kc.CASES if c.regime == "split"]
+    assert {(r["dtype"], r["op"], r["head"], r["softcap"] is None) for r in data["correctness"]} == {
+        ("float32", "token_kl", "trained", True), ("float32", "logprobs", "frozen", False),
+        ("bfloat16", "logprobs", "trained", True), ("bfloat16", "token_kl", "frozen", False)}
     assert all(r["passed"] for r in data["correctness"]) and data["env"]["kernels"] == "interpreted"
     assert "| pass |" in (tmp_path / "gpu_check.md").read_text()
 
