@@ -249,10 +249,17 @@ def run_case(case: KernelCase, device: str | torch.device, *, generator: torch.G
     ref_values, ref_grads = reference_outputs(
         as64(x["hidden"]), as64(x["weight"]), x["targets"], x["upstream"], as64(x["ref_hidden"]),
         as64(x["ref_weight"]), bias=as64(x["bias"]), **{**common, "ref_bias": as64(x["ref_bias"])})
-    eager_values, eager_grads = reference_outputs(
-        x["hidden"], x["weight"], x["targets"], x["upstream"], x["ref_hidden"], x["ref_weight"], bias=x["bias"],
-        softmax_dtype=torch.float32, **common)
-    values, grads, splits = _run_op(case, x, temperature)
+    # fp32 products in fp32, not TF32, whatever the process set before: the yardstick and the op's own
+    # torch products (dS @ W) are then the fp32 arithmetic the kernels' "ieee" dots are held to.
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        eager_values, eager_grads = reference_outputs(
+            x["hidden"], x["weight"], x["targets"], x["upstream"], x["ref_hidden"], x["ref_weight"],
+            bias=x["bias"], softmax_dtype=torch.float32, **common)
+        values, grads, splits = _run_op(case, x, temperature)
+    finally:
+        torch.set_float32_matmul_precision(precision)
 
     got = {**values, **{f"d_{k}": g for k, g in grads.items()}}
     ref = {**ref_values, **{f"d_{k}": g for k, g in ref_grads.items()}}
