@@ -279,6 +279,7 @@ def test_several_chunks_in_both_directions(monkeypatch):
     check_token_kl(1100, 5000, 16, freeze_weight=True)  # the forward's chunks in the backward too
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("n", [40, 100], ids=["dW-in-one-product", "dW-summed-over-token-chunks"])
 def test_triton_backward_across_chunks(monkeypatch, n):
     """Small chunks force several vocabulary chunks, and (n = 100) several token chunks."""
@@ -369,6 +370,7 @@ def test_vocabulary_split_fills_the_chip(monkeypatch):
     assert configs.vocab_splits(1, 5, cuda) == 5
 
 
+@pytest.mark.interpreter
 def test_triton_backend_runs_the_kernels(monkeypatch):
     from firempo_kernels import csrc_triton
 
@@ -567,6 +569,7 @@ def _tanh_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, kernel_tanh(tl.load(x_ptr + offs, mask=mask, other=0.0)), mask=mask)
 
 
+@pytest.mark.interpreter
 def test_kernel_tanh_accuracy_in_fp32():
     """The kernels' tanh (from exp, no libdevice) against float64, under the interpreter.
 

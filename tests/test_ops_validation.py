@@ -84,6 +84,7 @@ def test_integer_softcap_is_accepted():
     assert all(torch.isfinite(o).all() for o in out)
 
 
+@pytest.mark.interpreter
 def test_backend_choice(monkeypatch):
     monkeypatch.setenv("FIREMPO_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="FIREMPO_BACKEND must be one of"):
