@@ -79,5 +79,12 @@ def test_whole_path_at_tiny_size(tmp_path, monkeypatch):
     assert "| gamma 1, paper noise | 2 |" in text and "minus the gamma-0 control" in text
     # a rerun resumes: nothing is trained again and the runs' files stay as they were
     before = (out / "runs/g1/seed-0.json").read_text()
-    ablation.run_ablation(out, cfg)
+    first = summary["invocations"][0]
+    assert first["runs"] == 4 and first["seconds"] >= first["runs_seconds"] > 0
+    text = ablation.run_ablation(out, cfg).read_text()
     assert (out / "runs/g1/seed-0.json").read_text() == before
+    # ... and its report keeps the first invocation's time: the wall time of every invocation, summed
+    summary = json.loads((out / "ablation.json").read_text())
+    assert [t["runs"] for t in summary["invocations"]] == [4, 0]
+    spent = sum(t["seconds"] for t in summary["invocations"])
+    assert summary["total_seconds"] == spent and f"in {spent / 60:.1f} minutes of wall time" in text
