@@ -23,11 +23,13 @@ USER_ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError)
 
 
 def run_command(
-    prog: str, body: Callable[[], int], *, debug: bool, where: str = "", quiet: Callable[[], bool] | None = None
+    prog: str, body: Callable[[], int], *, debug: bool, where: str = "", quiet: Callable[[], bool] | None = None,
+    debug_flag: str = "--debug",
 ) -> int:
     """``body()``; a user error becomes ``prog: error: ...`` on stderr and exit code 2 (re-raised when
     ``debug``). ``where`` (e.g. ``" (rank 1)"``) says which process of several failed; ``quiet()`` true means
-    another process reports this same error (the checks every rank makes alike), so this one only exits."""
+    another process reports this same error (the checks every rank makes alike), so this one only exits;
+    ``debug_flag`` is the option that shows the traceback."""
     try:
         return body()
     except USER_ERRORS as e:
@@ -36,7 +38,7 @@ def run_command(
         if quiet is not None and quiet():
             return 2
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"{prog}: error{where}: {message}\n(run with --debug for the traceback)", file=sys.stderr, flush=True)
+        print(f"{prog}: error{where}: {message}\n(run with {debug_flag} for the traceback)", file=sys.stderr, flush=True)
         return 2
 
 

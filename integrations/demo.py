@@ -101,40 +101,48 @@ def _free_port() -> int:
 
 
 def write_run_config(out: Path, base_dir: Path, pairs: Path, cfg: DemoConfig) -> Path:
-    """The ``firempo-train`` run config of the demo (JSON); paths are absolute."""
-    run = {
-        "model": {"name_or_path": str(base_dir), "freeze_vision": False},
-        "reference": {"mode": "model"},
-        "loss": {"preset": "firempo"},  # the paper's beta 0.1, alpha 0.01, gamma 0.1, lambda 0.5
-        "data": {"path": str(pairs), "processor": str(base_dir)},
+    """The ``firempo-train`` recipe of the demo (``recipe.yaml``: TRL's flat keys; paths are absolute)."""
+    import torch
+    import yaml
+
+    on_gpu = torch.cuda.is_available()
+    recipe = {
+        "model_name_or_path": str(base_dir),
+        "dtype": "bfloat16" if on_gpu else "float32",
+        "freeze_vision": False,
+        "reference_mode": "model",
+        "preset": "firempo",  # the paper's beta 0.1, alpha 0.01, gamma 0.1, lambda 0.5
+        "data_path": str(pairs),
         "deepspeed": "zero3",
-        "training": {
-            "output_dir": str(out / "train"),
-            "epochs": cfg.epochs,
-            "learning_rate": cfg.learning_rate,
-            "micro_batch_size": cfg.micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            "warmup_ratio": 0.05,
-            "gradient_checkpointing": False,  # a 0.1 M-parameter model has no activations worth recomputing
-            "seed": cfg.seed,
-            "tensorboard": False,
-            "save_final_model": True,
-        },
+        "output_dir": str(out / "train"),
+        "num_train_epochs": cfg.epochs,
+        "learning_rate": cfg.learning_rate,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05,  # a share of the run
+        "per_device_train_batch_size": cfg.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_checkpointing": False,  # a 0.1 M-parameter model has no activations worth recomputing
+        "seed": cfg.seed,
+        "bf16": on_gpu,
+        "use_cpu": not on_gpu,  # without it the CPU ranks would each count themselves alone
+        "logging_steps": 1,
+        "save_strategy": "no",  # the trained model goes to train/final
+        "report_to": "none",
     }
-    path = out / "run.json"
-    write_whole(path, json.dumps(run, indent=2))
+    path = out / "recipe.yaml"
+    write_whole(path, yaml.safe_dump(recipe, sort_keys=False))
     return path
 
 
-def launch_training(run_config: Path, ranks: int, log_path: Path) -> None:
-    """``deepspeed --num_gpus N --module firempo_kernels.integrations.train --config run.json``.
+def launch_training(recipe: Path, ranks: int, log_path: Path) -> None:
+    """``deepspeed --num_gpus N --module firempo_kernels.integrations.train --config recipe.yaml``.
 
     The launcher's output goes to the terminal and to ``log_path``; a failure raises with the log's tail.
     """
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
     cmd += ["--num_gpus", str(ranks), "--master_port", str(_free_port()),
-            "--module", "firempo_kernels.integrations.train", "--config", str(run_config)]
+            "--module", "firempo_kernels.integrations.train", "--config", str(recipe)]
     env = dict(os.environ)
     # One compute thread per rank: the ranks share this machine's cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or ranks) // ranks)))
@@ -399,10 +407,10 @@ def run_demo(out: Path, cfg: DemoConfig) -> Path:
     _say(f"base model: closed accuracy {100 * base_report.accuracy:.1f}%, visual sensitivity "
          f"{base_report.sensitivity:+.3f} nats")
 
-    run_config = write_run_config(out, base_dir, pairs_path, cfg)
-    _say(f"wrote the run config to {run_config}")
+    recipe = write_run_config(out, base_dir, pairs_path, cfg)
+    _say(f"wrote the training recipe to {recipe}")
     t0 = time.perf_counter()
-    launch_training(run_config, cfg.ranks, out / "train.log")
+    launch_training(recipe, cfg.ranks, out / "train.log")
     train_s = time.perf_counter() - t0
     final = out / "train" / "final"
     processor.save_pretrained(final)  # the trainer saves the weights; the processor makes the folder loadable

@@ -1,48 +1,44 @@
-"""``firempo-train``: FiRe-MPO training from a run config, on :class:`~.trl.FiReMPOTrainer` (TRL's DPOTrainer).
+"""``firempo-train``: FiRe-MPO training from a TRL DPO recipe, on :class:`~.trl.FiReMPOTrainer` (TRL's DPOTrainer).
 
-One process::
+One process (``--key value`` overrides win over the recipe)::
 
-    firempo-train --config run.yaml [section.key=value ...]
+    firempo-train --config recipe.yaml [--learning_rate 5e-7 ...]
 
-Several GPUs / nodes (DeepSpeed's launcher; ``--hostfile`` for multi-node)::
+Several processes, with any of the usual launchers (TRL's accelerate configs included)::
 
-    deepspeed --num_gpus 8 --module firempo_kernels.integrations.train --config run.yaml
-    torchrun --nproc_per_node 8 -m firempo_kernels.integrations.train --config run.yaml
+    accelerate launch --config_file trl/accelerate_configs/zero3.yaml -m firempo_kernels.integrations.train \
+        --config recipe.yaml
+    deepspeed --num_gpus 8 --module firempo_kernels.integrations.train --config recipe.yaml --deepspeed zero3
+    torchrun --nproc_per_node 8 -m firempo_kernels.integrations.train --config recipe.yaml --deepspeed zero3
 
 Reference pass for the precomputed-reference mode (writes the store, then exits; a store already there that
 another model, head, data or loss setting built is refused and kept, unless ``--overwrite-reference-store``)::
 
-    firempo-train --config run.yaml --precompute-reference
+    firempo-train --config recipe.yaml --precompute_reference
 
-The run config and its keys: :mod:`firempo_kernels.integrations.run_config`. This module only turns the
-sections into the objects TRL and transformers take (a :class:`~.trl.FiReMPOConfig`, the models, the dataset,
-a LoRA config); the loop, checkpoints and their rotation, resume, the schedule, DeepSpeed and logging are
-theirs. Outputs in ``training.output_dir``: ``checkpoint-N/`` (transformers), ``trainer_state.json`` (every
-logged row), ``final/`` (a Hugging Face model with its processor, or the LoRA adapter).
+The recipe and its keys: :mod:`.recipe` and docs/training.md. This module only builds what TRL's trainer takes
+from the parsed arguments (the models, the dataset, the collator, a LoRA config); the loop, checkpoints and
+their rotation, resume, the schedule, DeepSpeed and logging are TRL's and transformers'. Outputs in
+``output_dir``: ``checkpoint-N/`` (transformers), ``trainer_state.json`` (every logged row), ``final/`` (a
+Hugging Face model with its processor, or the LoRA adapter).
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import inspect
-import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .cli import check_writable_dir, run_command
-from .run_config import RunConfig, load_run_config
-from .run_dir import check_new_run, record_run, resume_checkpoint
+from .recipe import FiReMPOScriptArguments, RecipeParser, recipe_argv
+from .run_dir import check_new_run, record_run, resume_checkpoint, run_record
 
-__all__ = [
-    "main", "build_trainer", "training_arguments", "choose_attn_implementation", "deepspeed_config_path",
-    "head_placement",
-]
+__all__ = ["main", "build_trainer", "choose_attn_implementation", "head_placement"]
 
 _DEFAULT_LORA_TARGETS = (
     r"^(?!.*(?:vision_tower|vision_model|visual|multi_modal_projector|merger|connector|embed_vision)).*"
@@ -52,12 +48,12 @@ _DEFAULT_LORA_TARGETS = (
 # (Idefics3's connector, Gemma 4's embed_vision, LLaVA-NeXT's and OneVision's image_newline).
 _VISION_PARAMS = ("vision_tower.", "vision_model.", "visual.", "multi_modal_projector.", "connector.", "embed_vision.",
                   "image_newline")
-_CONFIGS = Path(__file__).parent / "configs"
 
 
-def choose_attn_implementation(requested: str, on_gpu: bool) -> tuple[str, str]:
-    """``(implementation, reason)``: flash_attention_2 when flash-attn is installed and the model is on a GPU."""
-    if requested != "auto":
+def choose_attn_implementation(requested: str | None, on_gpu: bool) -> tuple[str, str]:
+    """``(implementation, reason)`` for ``attn_implementation`` (None or ``auto``: flash_attention_2 when
+    flash-attn is installed and the model is on a GPU, else sdpa)."""
+    if requested not in (None, "auto"):
         return requested, "as configured"
     if not on_gpu:
         return "sdpa", "no GPU"
@@ -66,162 +62,92 @@ def choose_attn_implementation(requested: str, on_gpu: bool) -> tuple[str, str]:
     return "flash_attention_2", "flash-attn is installed"
 
 
-def deepspeed_config_path(run: RunConfig) -> str | None:
-    """The DeepSpeed JSON of the run: a shipped name (``zero3``, ``zero3_offload``) or the resolved path."""
-    spec = run.deepspeed_spec()
-    if spec is None:
-        return None
-    shipped = _CONFIGS / f"{spec.removesuffix('.json')}.json"
-    return str(shipped) if not Path(spec).is_file() and shipped.is_file() else spec
-
-
-def _warmup_steps(ratio: float) -> float:
-    """transformers' ``warmup_steps`` for a warm-up over ``ratio`` of the run: it reads a value below 1 as that
-    share of the steps and 1 or more as a step count, so a whole-run warm-up (ratio 1) is the largest float
-    below 1, whose share ceil(N * (1 - 2^-53)) of any run of N < 2^52 steps is N."""
-    return math.nextafter(1.0, 0.0) if ratio >= 1.0 else float(ratio)
-
-
-def training_arguments(run: RunConfig, **overrides: Any):
-    """The :class:`~.trl.FiReMPOConfig` of a run config (the ``training`` and ``loss`` sections, the
-    reference mode and store, DeepSpeed). Create it before loading the models: under ZeRO-3 transformers then
-    loads checkpoints straight into partitions."""
-    from .trl import FiReMPOConfig
-
-    t, loss = run.training, run.loss
-    on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu if t.precision == "auto" else t.precision == "bf16"
-    report = ["tensorboard"] if t.tensorboard is True or (
-        t.tensorboard == "auto" and importlib.util.find_spec("tensorboard") is not None) else "none"
-    mode = run.reference_mode()
-    kwargs: dict[str, Any] = dict(
-        output_dir=t.output_dir,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        adam_beta1=t.adam_betas[0],
-        adam_beta2=t.adam_betas[1],
-        adam_epsilon=t.adam_eps,
-        warmup_steps=_warmup_steps(t.warmup_ratio),
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio},
-        per_device_train_batch_size=t.micro_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        train_sampling_strategy="random" if t.shuffle else "sequential",
-        bf16=bf16,
-        use_cpu=not on_gpu,
-        gradient_checkpointing=t.gradient_checkpointing,
-        save_strategy="steps" if t.save_steps else "no",
-        save_steps=t.save_steps or 500,
-        save_total_limit=t.save_total_limit,
-        logging_steps=t.logging_steps,
-        report_to=report,
-        disable_tqdm=not t.progress_bar,
-        dataloader_num_workers=t.num_workers,
-        deepspeed=deepspeed_config_path(run),
-        max_length=None,
-        preset=loss.preset,
-        reference_mode=mode,
-        precomputed_reference_dir=run.precomputed_dir() if mode == "precomputed" else None,
-        shared_prefix=t.shared_prefix,
-        **loss.preset_overrides(),
-    )
-    if kwargs.pop("temperature", 1.0) != 1.0:
-        raise ValueError("loss.temperature: the trainer scores at temperature 1 (TRL's convention); remove the key")
-    kwargs.update(overrides)
-    return FiReMPOConfig(**kwargs)
-
-
-def _load_hf_model(run: RunConfig, spec, dtype: torch.dtype, attn: str):
+def _load_model(name_or_path: str | None, tiny: str | None, seed: int, model_class: str, dtype, attn: str,
+                trust_remote_code: bool):
     import transformers
 
     from .smoke import tiny_model
 
-    if spec.tiny:
-        return tiny_model(spec.tiny, seed=spec.seed, dtype=dtype, attn_implementation=attn)
-    path = run.resolve_path(spec.name_or_path)
-    if not path:
-        raise ValueError("model.name_or_path (or model.tiny) is required")
-    kwargs = {"dtype": dtype, "attn_implementation": attn, "trust_remote_code": spec.trust_remote_code}
-    if spec.class_name and spec.class_name != "auto":
-        cls = getattr(transformers, spec.class_name, None)
+    if tiny:
+        return tiny_model(tiny, seed=seed, dtype=torch.float32 if dtype == "auto" else dtype, attn_implementation=attn)
+    if not name_or_path:
+        raise ValueError("model_name_or_path: required (or tiny_model for a tiny random model); neither is set")
+    kwargs = {"dtype": dtype, "attn_implementation": attn, "trust_remote_code": trust_remote_code}
+    if model_class != "auto":
+        cls = getattr(transformers, model_class, None)
         if cls is None:
-            raise ValueError(f"model.class={spec.class_name!r} is not a transformers class")
-        return cls.from_pretrained(path, **kwargs)
-    config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=spec.trust_remote_code)
+            raise ValueError(f"model_class: expected a transformers class name or auto; got {model_class!r}")
+        return cls.from_pretrained(name_or_path, **kwargs)
+    config = transformers.AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     for auto in (transformers.AutoModelForImageTextToText, transformers.AutoModelForCausalLM):
         if type(config) in auto._model_mapping:
-            return auto.from_pretrained(path, **kwargs)
-    raise ValueError(
-        f"{path} ({type(config).__name__}) is neither an image-text-to-text nor a causal LM model; set model.class"
-    )
+            return auto.from_pretrained(name_or_path, **kwargs)
+    raise ValueError(f"model_name_or_path: {name_or_path} ({type(config).__name__}) is neither an image-text-to-text "
+                     "nor a causal LM model; set model_class")
 
 
-def _freeze(policy, run: RunConfig) -> None:
-    if run.model.freeze_vision:
+def _freeze(policy: torch.nn.Module, freeze_vision: bool, train_head: bool) -> None:
+    if freeze_vision:
         for name, p in policy.named_parameters():
             if any(f".{v}" in f".{name}" for v in _VISION_PARAMS):
                 p.requires_grad_(False)
-    if not run.model.train_lm_head or run.lora.enabled:
+    if not train_head:
         for p in policy.get_output_embeddings().parameters():
             p.requires_grad_(False)
 
 
-def _lora_config(run: RunConfig):
-    if not run.lora.enabled:
+def _lora_config(model_args):
+    """TRL's LoRA config of the ``lora_*`` keys; with no ``lora_target_modules``, the attention and MLP
+    projections of the language model (the vision tower keeps no adapter)."""
+    if not model_args.use_peft:
         return None
-    try:
-        import peft
-    except ImportError as e:
-        raise ImportError("lora.enabled needs `peft` (pip install 'firempo-kernels[peft]')") from e
-    return peft.LoraConfig(
-        r=run.lora.r, lora_alpha=run.lora.alpha, lora_dropout=run.lora.dropout,
-        target_modules=run.lora.target_modules or _DEFAULT_LORA_TARGETS,
-        modules_to_save=run.lora.modules_to_save, task_type="CAUSAL_LM",
-    )
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    if model_args.lora_target_modules is None:
+        config.target_modules = _DEFAULT_LORA_TARGETS
+    return config
 
 
-def _processor(run: RunConfig):
+def _processor(script: FiReMPOScriptArguments, model_args, trust_remote_code: bool):
     from transformers import AutoProcessor
 
     from .smoke import tiny_processor
 
-    if run.data.processor is None and run.model.tiny:
-        return tiny_processor(run.model.tiny)
-    path = run.processor_path()
+    if script.processor_name_or_path is None and script.tiny_model:
+        return tiny_processor(script.tiny_model)
+    path = script.processor_name_or_path or model_args.model_name_or_path
     if path is None:
-        raise ValueError("data.processor (or model.name_or_path) is required to tokenise the data")
-    return AutoProcessor.from_pretrained(path, trust_remote_code=run.model.trust_remote_code)
+        raise ValueError("processor_name_or_path (or model_name_or_path) is required to tokenise the data")
+    return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
-def _dataset(run: RunConfig, processor, model_config):
+def _dataset(script: FiReMPOScriptArguments, processor, model_config):
     """The training rows in TRL's preference format (a ``datasets.Dataset``)."""
-    data = run.data
-    source = data.source()
+    source = script.source()
     if source == "synthetic":
         from .smoke import synthetic_rows
 
-        dataset = synthetic_rows(run.model.tiny or "llama", **data.synthetic)
+        dataset = synthetic_rows(script.tiny_model or "llama", script.synthetic_examples, seed=script.synthetic_seed,
+                                 corrupted_every=script.synthetic_corrupted_every)
     elif source == "dataset":
-        module_name, _, attr = data.dataset.partition(":")
+        module_name, _, attr = script.dataset_factory.partition(":")
         factory = getattr(importlib.import_module(module_name), attr or "build_dataset")
-        kwargs = dict(data.kwargs)
+        kwargs = dict(script.dataset_kwargs or {})
         params = inspect.signature(factory).parameters
         if "model_config" in params:
             kwargs["model_config"] = model_config
         if "processor" in params:
             kwargs["processor"] = processor
         dataset = factory(**kwargs)
-    else:
+    elif source == "path":
         from .data import load_preference_dataset
 
-        dataset = load_preference_dataset(run.resolve_path(data.path), on_error=data.on_error,
-                                          prompt_template=data.prompt_template)
-    if not data.use_corrupted and "corrupted_images" in dataset.column_names:
+        dataset = load_preference_dataset(script.data_path, on_error=script.on_error,
+                                          prompt_template=script.prompt_template)
+    else:
+        raise ValueError("data_path: required (or dataset_factory, or synthetic_examples for random data); none is set")
+    if not script.use_corrupted and "corrupted_images" in dataset.column_names:
         dataset = dataset.remove_columns("corrupted_images")
     return dataset
 
@@ -251,41 +177,44 @@ def _head_placement_callback(log):
     return HeadPlacement()
 
 
-def build_trainer(run: RunConfig, *, log=print, precompute: bool = False, overwrite_store: bool = False):
-    """The :class:`~.trl.FiReMPOTrainer` of a run config (models built, data loaded, nothing trained yet).
-    ``precompute``: the reference store is built during construction (TRL's precompute step);
-    ``overwrite_store``: a store there that does not serve the run is rebuilt instead of refused."""
+def build_trainer(script: FiReMPOScriptArguments, args, model_args, *, log=print):
+    """The :class:`~.trl.FiReMPOTrainer` of parsed recipe arguments (models built, data loaded, nothing trained
+    yet); with ``script.precompute_reference`` the reference store is built during construction."""
+    from .forward import loss_for_model
     from .models import unwrap_model
     from .trl import FiReMPOCollator, FiReMPOTrainer
 
-    args = training_arguments(run, overwrite_precomputed_reference=overwrite_store,
-                              **({"reference_mode": "precomputed"} if precompute else {}))
-    on_gpu = torch.cuda.is_available()
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    attn, why = choose_attn_implementation(run.model.attn_implementation, on_gpu)
-    log(f"attention: {attn} ({why}); compute dtype: {str(dtype).removeprefix('torch.')}")
-    torch.manual_seed(run.training.seed)
-    policy = _load_hf_model(run, run.model, dtype, attn)
-    _freeze(policy, run)
+    if script.precompute_reference:
+        args.reference_mode = "precomputed"
+    dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
+    attn, why = choose_attn_implementation(model_args.attn_implementation, torch.cuda.is_available())
+    log(f"attention: {attn} ({why}); model dtype: {str(dtype or 'auto').removeprefix('torch.')}")
+    torch.manual_seed(args.seed)
+    load = dict(model_class=script.model_class, dtype=dtype or "auto", attn=attn,
+                trust_remote_code=args.trust_remote_code)
+    policy = _load_model(model_args.model_name_or_path, script.tiny_model, script.tiny_seed, **load)
+    _freeze(policy, script.freeze_vision, script.train_lm_head and not model_args.use_peft)
     ref_model = None
-    mode = args.reference_mode
-    separate = run.reference.name_or_path is not None or run.reference.tiny is not None
-    if mode == "model" or (mode == "precomputed" and (separate or not run.lora.enabled)):
+    mode, lora = args.reference_mode, model_args.use_peft
+    separate = script.reference_model_name_or_path is not None or script.reference_tiny_seed is not None
+    if mode == "model" or (mode == "auto" and not lora) or (mode == "precomputed" and (separate or not lora)):
         # Without LoRA the reference is the policy's starting point: loaded again rather than copied, since
         # under ZeRO-3 the policy is partitioned as it loads.
-        ref_model = _load_hf_model(run, run.reference_model(), dtype, attn)
-    processor = _processor(run)
-    dataset = _dataset(run, processor, unwrap_model(policy).config)
+        if script.reference_model_name_or_path is not None:
+            ref_model = _load_model(script.reference_model_name_or_path, None, 0, **{**load, "model_class": "auto"})
+        else:
+            seed = script.tiny_seed if script.reference_tiny_seed is None else script.reference_tiny_seed
+            ref_model = _load_model(model_args.model_name_or_path, script.tiny_model, seed, **load)
+    processor = _processor(script, model_args, args.trust_remote_code)
+    dataset = _dataset(script, processor, unwrap_model(policy).config)
     collator = FiReMPOCollator(
-        processor, weight_every_token=args.weights_every_response_token,
+        processor, weight_every_token=args.weights_every_response_token, max_length=args.max_length,
         corrupted_pass=args.loss().needs_corrupted_pass and "corrupted_images" in dataset.column_names,
-        boundary=run.data.boundary, pad_to_multiple_of=run.data.pad_to_multiple_of,
+        boundary=script.boundary, pad_to_multiple_of=args.pad_to_multiple_of,
     )
     trainer = FiReMPOTrainer(policy, ref_model=ref_model, args=args, data_collator=collator, train_dataset=dataset,
-                             processing_class=processor, peft_config=_lora_config(run),
+                             processing_class=processor, peft_config=_lora_config(model_args),
                              callbacks=[_head_placement_callback(log)])
-    from .forward import loss_for_model
-
     log(f"reference: {trainer.reference.mode}; loss: {loss_for_model(trainer.loss_fn, policy)!r}")
     return trainer
 
@@ -305,30 +234,49 @@ def _single_process_group() -> None:
         os.environ.setdefault(key, value)
 
 
+def _deepspeed_given(tokens: list[str]) -> str | None:
+    """The value of the last ``--deepspeed`` of the command line, or None."""
+    given = None
+    for i, token in enumerate(tokens):
+        if token == "--deepspeed" and i + 1 < len(tokens):
+            given = tokens[i + 1]
+        elif token.startswith("--deepspeed="):
+            given = token.partition("=")[2]
+    return given or None
+
+
+def _accelerate_deepspeed_without_gpu(tokens: list[str]) -> list[str]:
+    """``accelerate launch`` with a DeepSpeed config on a machine without a GPU: accelerate's process state
+    has no CPU backend for DeepSpeed (each rank counts itself alone, so the batch sizes DeepSpeed checks
+    disagree), so the launch's ZeRO settings go to transformers as a DeepSpeed config, as ``--deepspeed``
+    does. With a GPU, accelerate's own DeepSpeed plugin runs as in TRL."""
+    if (torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+            or _deepspeed_given(tokens)):
+        return tokens
+    config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not config:
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
+        if stage != "3":
+            raise ValueError(f"accelerate launch: ZeRO stage {stage or '(none)'} without a GPU; firempo-train runs "
+                             "DeepSpeed on CPUs with ZeRO-3 only (TRL's zero3.yaml, or --deepspeed zero3)")
+        offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("", "none")
+        config = "zero3_offload" if offload else "zero3"
+    # The launch's settings now live in that config; accelerate refuses a config beside its own variables.
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_DEEPSPEED_") or k == "ACCELERATE_CONFIG_DS_FIELDS"]:
+        del os.environ[key]
+    return recipe_argv(["--deepspeed", config]) + tokens
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``firempo-train``."""
-    parser = argparse.ArgumentParser(
-        prog="firempo-train",
-        description="FiRe-MPO preference optimisation of Hugging Face vision-language models (TRL + DeepSpeed).",
-    )
-    parser.add_argument("--config", required=True, help="run config (YAML or JSON)")
-    parser.add_argument("--precompute-reference", action="store_true",
-                        help="run the reference over the data, store it, and exit")
-    parser.add_argument("--overwrite-reference-store", action="store_true",
-                        help="rebuild a precomputed reference store that another model, data or loss setting built "
-                             "(without it such a store is refused and kept)")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.learning_rate=5e-7")
-    args = parser.parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    """Entry point of ``firempo-train`` (``--help`` lists every key)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = any(a == "--traceback" or a.startswith("--traceback=") for a in argv)
     rank = int(os.environ.get("RANK", "0"))
     # transformers and accelerate record DeepSpeed in the environment (ACCELERATE_USE_DEEPSPEED, ...) and so
     # does the one-rank group below: an in-process caller gets its environment back as it was.
     environment = dict(os.environ)
     finished = False
-    started = False  # past the checks that every rank makes alike (config, output folder, checkpoint)
+    started = False  # past the checks that every rank makes alike (recipe, output folder, checkpoint)
 
     def log(message: str) -> None:
         if rank == 0:
@@ -336,42 +284,48 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         nonlocal finished, started
-        run = load_run_config(args.config, args.overrides)
-        if not args.precompute_reference:
-            check_writable_dir(run.training.output_dir, "training.output_dir")
-            check_new_run(run, is_main=rank == 0, log=log)
-        resume = None if args.precompute_reference else resume_checkpoint(run, log)
-        started = True
-        if run.deepspeed is not None:
+        if "-h" in argv or "--help" in argv:
+            RecipeParser().print_help()
+            return 0
+        tokens = _accelerate_deepspeed_without_gpu(recipe_argv(argv))
+        if _deepspeed_given(tokens) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             _single_process_group()
             import deepspeed
 
-            # Before any model is built: under ZeRO-3 transformers builds models inside deepspeed.zero.Init,
-            # which sizes its partitions by the process group it finds.
+            # Before the training arguments and any model: under ZeRO-3 transformers builds models inside
+            # deepspeed.zero.Init, which sizes its partitions by the process group it finds.
             deepspeed.init_distributed(verbose=False)
-        trainer = build_trainer(run, log=log, precompute=args.precompute_reference,
-                                overwrite_store=args.overwrite_reference_store)
-        if args.precompute_reference:
+        script, args, model_args = RecipeParser().parse_args_into_dataclasses(args=tokens)
+        record = run_record(script, args, model_args)
+        if not script.precompute_reference:
+            check_writable_dir(args.output_dir, "output_dir")
+            check_new_run(args.output_dir, resume=args.resume_from_checkpoint, overwrite=script.overwrite_output_dir,
+                          is_main=rank == 0, log=log)
+        resume = None if script.precompute_reference else resume_checkpoint(
+            args.resume_from_checkpoint, args.output_dir, record, log)
+        started = True
+        trainer = build_trainer(script, args, model_args, log=log)
+        if script.precompute_reference:
             log(f"precomputed reference written to {trainer.precomputed_reference_dir}")
             finished = True
             return 0
         if trainer.is_world_process_zero():
-            record_run(run)
+            record_run(args.output_dir, record)
         result = trainer.train(resume_from_checkpoint=resume)
         trainer.save_state()
-        if run.training.save_final_model:
-            final = Path(run.training.output_dir) / "final"
+        if script.save_final_model:
+            final = Path(args.output_dir) / "final"
             trainer.save_model(str(final))
             if trainer.is_world_process_zero():
                 trainer.processing_class.save_pretrained(str(final))
-        log(f"done: {result.global_step} steps; logged rows in {Path(run.training.output_dir) / 'trainer_state.json'}")
+        log(f"done: {result.global_step} steps; logged rows in {Path(args.output_dir) / 'trainer_state.json'}")
         finished = True
         return 0
 
     try:
         # Every rank that fails says so: an error on one rank only (its data shard, its device) must not be lost.
-        return run_command("firempo-train", body, debug=args.debug, where=f" (rank {rank})" if rank else "",
-                           quiet=lambda: rank != 0 and not started)
+        return run_command("firempo-train", body, debug=debug, where=f" (rank {rank})" if rank else "",
+                           quiet=lambda: rank != 0 and not started, debug_flag="--traceback")
     finally:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
@@ -382,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environment)
+
 
 if __name__ == "__main__":
     sys.exit(main())

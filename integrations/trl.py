@@ -34,7 +34,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -78,19 +78,23 @@ class FiReMPOConfig(DPOConfig):
     data or loss setting built is refused, and rebuilt only with ``overwrite_precomputed_reference``).
     """
 
-    preset: str = field(default="firempo", metadata={"help": "firempo | rrpo | mask_dpo | dpo"})
+    preset: Literal["firempo", "rrpo", "mask_dpo", "dpo"] = field(
+        default="firempo", metadata={"help": "firempo | rrpo | mask_dpo | dpo"})
     alpha: float | None = field(default=None, metadata={"help": "weight of the token KL (preset's if unset)"})
     gamma: float | None = field(default=None, metadata={"help": "weight of the visual term (preset's if unset)"})
     lambda_: float | None = field(default=None, metadata={"help": "share of KL(ref||policy) (preset's if unset)"})
-    visual_pairing: str = field(default="reversed", metadata={"help": "reversed | same_response | cross"})
-    reference_mode: str = field(default="auto", metadata={"help": "auto | model | adapters_disabled | precomputed"})
+    visual_pairing: Literal["reversed", "same_response", "cross"] = field(
+        default="reversed", metadata={"help": "reversed | same_response | cross"})
+    reference_mode: Literal["auto", "model", "adapters_disabled", "precomputed"] = field(
+        default="auto", metadata={"help": "auto | model | adapters_disabled | precomputed"})
     precomputed_reference_dir: str | None = field(
         default=None, metadata={"help": "store of the precomputed reference (default <output_dir>/reference)"}
     )
     overwrite_precomputed_reference: bool = field(
         default=False,
         metadata={"help": "rebuild a precomputed store that does not match this run (another model, head, data or "
-                          "settings) in place; without it such a store is refused and kept"},
+                          "settings) in place; without it such a store is refused and kept",
+                  "aliases": ["--overwrite-reference-store"]},
     )
     shared_prefix: bool = field(
         default=True,

@@ -386,7 +386,7 @@ def _(tmp):
 
 
 # ---------------------------------------------------------------------------------------------------
-# firempo-train and its run config
+# firempo-train and its recipe
 # ---------------------------------------------------------------------------------------------------
 
 SMOKE = ROOT / "integrations" / "configs" / "smoke.yaml"
@@ -395,10 +395,10 @@ SMOKE = ROOT / "integrations" / "configs" / "smoke.yaml"
 def _train(tmp: Path, out: str, *extra: str, expect: int = 0, names: tuple[str, ...] = (), seed: int = 0) -> str:
     from firempo_kernels.integrations import train
 
-    argv = ["--config", str(SMOKE), "deepspeed=null", f"model.seed={seed}", "data.synthetic.num_examples=4",
-            "training.micro_batch_size=2", "training.max_steps=2", "training.gradient_accumulation_steps=1",
-            "training.save_steps=1", "training.progress_bar=false", "training.gradient_checkpointing=false",
-            f"training.output_dir={tmp / out}", *extra]
+    argv = ["--config", str(SMOKE), "--tiny_seed", str(seed), "--synthetic_examples", "4",
+            "--per_device_train_batch_size", "2", "--max_steps", "2", "--gradient_accumulation_steps", "1",
+            "--save_steps", "1", "--disable_tqdm", "true", "--gradient_checkpointing", "false",
+            "--output_dir", str(tmp / out), *extra]
     return cli(train.main, argv, expect, *names)
 
 
@@ -406,23 +406,30 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def _config_probe(name: str, override: str, *names: str):
-    probe("firempo-train config", name)(lambda tmp: _train(tmp, "run", override, expect=2, names=names))
+def _config_probe(name: str, recipe: str, *names: str):
+    def run(tmp: Path) -> str:
+        (tmp / "recipe.yaml").write_text(SMOKE.read_text() + recipe)
+        from firempo_kernels.integrations import train
+
+        return cli(train.main, ["--config", str(tmp / "recipe.yaml"), "--output_dir", str(tmp / "run")], 2, *names)
+
+    probe("firempo-train recipe", name)(run)
 
 
-_config_probe("trust_remote_code as the string 'false'", "model.trust_remote_code='false'", "model.trust_remote_code")
-_config_probe("boolean 'banana'", "training.shuffle=banana", "training.shuffle")
-_config_probe("unknown key", "training.lr=1", "training.lr")
-_config_probe("negative learning rate", "training.learning_rate=-1", "training.learning_rate")
-_config_probe("unknown preset", "loss.preset=ipo", "loss.preset")
-_config_probe("unknown section key", "data.pathh=x", "data.pathh")
+_config_probe("trust_remote_code as the string 'false'", "trust_remote_code: 'false'\n", "trust_remote_code")
+_config_probe("boolean 'banana'", "use_peft: banana\n", "use_peft")
+_config_probe("unknown key", "lr: 1\n", "lr: unknown key")
+_config_probe("learning rate as a quoted string", "learning_rate: '1e-4'\n", "learning_rate")
+_config_probe("unknown preset", "preset: ipo\n", "preset")
+_config_probe("integer key given 1.5", "per_device_train_batch_size: 1.5\n", "per_device_train_batch_size")
+_config_probe("sectioned run config of an earlier release", "training: {epochs: 2}\n", "num_train_epochs")
 
 
-@probe("firempo-train config", "missing config file")
+@probe("firempo-train recipe", "missing recipe file")
 def _(tmp):
     from firempo_kernels.integrations import train
 
-    return cli(train.main, ["--config", str(tmp / "none.yaml")], 2, "no run config")
+    return cli(train.main, ["--config", str(tmp / "none.yaml")], 2, "no recipe at")
 
 
 def _refused_after_a_run(tmp: Path, *extra: str, names: tuple[str, ...]) -> str:
@@ -437,20 +444,20 @@ def _refused_after_a_run(tmp: Path, *extra: str, names: tuple[str, ...]) -> str:
 
 @probe("firempo-train", "second run into the same output_dir")
 def _(tmp):
-    return _refused_after_a_run(tmp, "training.max_steps=1", names=("already holds a run",))
+    return _refused_after_a_run(tmp, "--max_steps", "1", names=("already holds a run",))
 
 
 @probe("firempo-train", "resume with a changed learning rate")
 def _(tmp):
-    return _refused_after_a_run(tmp, "training.resume_from=latest", "training.learning_rate=1",
-                                names=("training.learning_rate",))
+    return _refused_after_a_run(tmp, "--resume_from_checkpoint", "latest", "--learning_rate", "1",
+                                names=("learning_rate: 0.0001 -> 1.0",))
 
 
 @probe("firempo-train", "resume past a damaged newest checkpoint")
 def _(tmp):
     _train(tmp, "run")
     (tmp / "run" / "checkpoint-2" / "trainer_state.json").write_text("{")
-    result = _train(tmp, "run", "training.resume_from=latest", expect=0)
+    result = _train(tmp, "run", "--resume_from_checkpoint", "latest", expect=0)
     rows = json.loads((tmp / "run" / "trainer_state.json").read_text())["log_history"]
     if [r["step"] for r in rows if "loss" in r and "train_loss" not in r] != [1, 2]:
         raise DataLost("logged rows lost")
@@ -461,26 +468,26 @@ def _(tmp):
 def _(tmp):
     _train(tmp, "run")
     (tmp / "run" / "checkpoint-2" / "latest").write_text("../../../../etc")
-    return _train(tmp, "run", f"training.resume_from={tmp / 'run' / 'checkpoint-2'}", expect=2,
+    return _train(tmp, "run", "--resume_from_checkpoint", str(tmp / "run" / "checkpoint-2"), expect=2,
                   names=("not a folder inside the checkpoint",))
 
 
 @probe("firempo-train", "resume from a folder that is no checkpoint")
 def _(tmp):
-    return _train(tmp, "run", f"training.resume_from={tmp}", expect=2, names=("training.resume_from",))
+    return _train(tmp, "run", "--resume_from_checkpoint", str(tmp), expect=2, names=("resume_from_checkpoint",))
 
 
 @probe("firempo-train", "precomputed reference of another model")
 def _(tmp):
-    store = ["reference.mode=precomputed", f"reference.precomputed_dir={tmp / 'store'}"]
-    _train(tmp, "pre", *store, "--precompute-reference", seed=1)
+    store = ["--reference_mode", "precomputed", "--precomputed_reference_dir", str(tmp / "store")]
+    _train(tmp, "pre", *store, "--precompute_reference", seed=1)
     return _train(tmp, "run", *store, seed=2, expect=2, names=("built from another reference model",))
 
 
 @probe("firempo-train", "unwritable output_dir")
 def _(tmp):
     (tmp / "file").write_text("x")
-    return _train(tmp, "file/run", expect=2, names=("training.output_dir",))
+    return _train(tmp, "file/run", expect=2, names=("output_dir: cannot write",))
 
 
 # ---------------------------------------------------------------------------------------------------

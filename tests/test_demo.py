@@ -77,12 +77,14 @@ def test_margins_paragraph_states_numbers_without_a_verdict():
 def test_whole_path_on_tiny_sizes(tmp_path, monkeypatch, capsys):
     from firempo_kernels.integrations import train
 
-    def in_process(run_config, ranks, log_path):
-        # One process instead of the 2-rank launcher: the same entry point, config and outputs.
+    def in_process(recipe, ranks, log_path):
+        # One process instead of the 2-rank launcher: the same entry point, recipe and outputs.
+        import yaml
+
         assert ranks == 1
-        config = json.loads(Path(run_config).read_text())
-        assert config["deepspeed"] == "zero3" and config["data"]["path"].endswith("pairs.jsonl")
-        assert train.main(["--config", str(run_config)]) == 0
+        config = yaml.safe_load(Path(recipe).read_text())
+        assert config["deepspeed"] == "zero3" and config["data_path"].endswith("pairs.jsonl")
+        assert train.main(["--config", str(recipe)]) == 0
 
     monkeypatch.setattr(demo, "launch_training", in_process)
     monkeypatch.setenv("FIREMPO_PROGRESS", "0")
@@ -90,7 +92,7 @@ def test_whole_path_on_tiny_sizes(tmp_path, monkeypatch, capsys):
                            micro_batch_size=2, max_new_tokens=4)
     report = demo.run_demo(tmp_path / "demo", tiny)
     out = tmp_path / "demo"
-    for name in ("metrics.jsonl", "eval.json", "curves.png", "report.md", "run.json", "data/pairs.jsonl",
+    for name in ("metrics.jsonl", "eval.json", "curves.png", "report.md", "recipe.yaml", "data/pairs.jsonl",
                  "data/heldout.jsonl", "base/config.json", "train/final/config.json"):
         assert (out / name).is_file(), name
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -2,7 +2,7 @@
 mismatched precomputed reference or resumed config, bad input found late, unclear errors, numeric edges,
 unsafe input). The numeric edges of the ops and the loss are in test_ops.py / test_losses.py
 (``test_kl_is_never_negative_*``, ``test_bad_hyperparameters_raise``, ``test_bad_num_examples_in_batch_raises``);
-the strict booleans of the run config in test_run_config.py. ``tests/probe_reliability.py`` sweeps the entry
+the strict types of the recipe in test_run_config.py. ``tests/probe_reliability.py`` sweeps the entry
 points and fills the table of docs/reliability.md."""
 
 import json
@@ -28,10 +28,9 @@ def quiet_and_single_threaded(monkeypatch):
 
 def firempo_train(out: Path, *extra: str, seed: int = 0) -> int:
     return train.main([
-        "--config", SMOKE, "deepspeed=null", f"model.seed={seed}", "data.synthetic.num_examples=4",
-        "training.micro_batch_size=2", "training.gradient_accumulation_steps=1", "training.max_steps=2",
-        "training.save_steps=1", "training.progress_bar=false", "training.gradient_checkpointing=false",
-        f"training.output_dir={out}", *extra,
+        "--config", SMOKE, "--tiny_seed", str(seed), "--synthetic_examples", "4", "--per_device_train_batch_size", "2",
+        "--gradient_accumulation_steps", "1", "--max_steps", "2", "--save_steps", "1", "--disable_tqdm", "true",
+        "--gradient_checkpointing", "false", "--output_dir", str(out), *extra,
     ])
 
 
@@ -52,20 +51,20 @@ def test_a_second_run_into_the_same_folder_is_refused_continued_or_overwritten(t
     out = tmp_path / "run"
     assert firempo_train(out) == 0
     before = sorted(p.name for p in out.iterdir())
-    assert firempo_train(out, "training.max_steps=1") == 2
+    assert firempo_train(out, "--max_steps", "1") == 2
     err = capsys.readouterr().err
-    assert f"training.output_dir={out} already holds a run" in err and "training.resume_from=latest" in err
-    assert "training.overwrite_output_dir=true" in err and no_traceback(err)
+    assert f"output_dir={out} already holds a run" in err and "--resume_from_checkpoint latest" in err
+    assert "--overwrite_output_dir true" in err and no_traceback(err)
     assert sorted(p.name for p in out.iterdir()) == before  # nothing deleted, nothing rewritten
     assert logged_steps(out) == [1, 2]
 
     # continued: one history, steps 1-3 (max_steps may change on resume; the log says so)
-    assert firempo_train(out, "training.resume_from=latest", "training.max_steps=3") == 0
+    assert firempo_train(out, "--resume_from_checkpoint", "latest", "--max_steps", "3") == 0
     err = capsys.readouterr().err
-    assert "accepted changes training.max_steps: 2 -> 3" in err
+    assert "accepted changes max_steps: 2 -> 3" in err
     assert logged_steps(out) == [1, 2, 3]
 
-    assert firempo_train(out, "training.overwrite_output_dir=true", "training.max_steps=1") == 0
+    assert firempo_train(out, "--overwrite_output_dir", "true", "--max_steps", "1") == 0
     assert "removing the previous run's" in capsys.readouterr().err
     assert logged_steps(out) == [1]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
@@ -75,8 +74,8 @@ def test_a_second_run_into_the_same_folder_is_refused_continued_or_overwritten(t
 
 def test_a_precomputed_reference_of_another_model_is_refused(tmp_path, capsys):
     store = tmp_path / "store"
-    common = ["reference.mode=precomputed", f"reference.precomputed_dir={store}"]
-    assert firempo_train(tmp_path / "pre", *common, "--precompute-reference", seed=1) == 0
+    common = ["--reference_mode", "precomputed", "--precomputed_reference_dir", str(store)]
+    assert firempo_train(tmp_path / "pre", *common, "--precompute_reference", seed=1) == 0
     assert firempo_train(tmp_path / "other", *common, seed=2) == 2  # the policy (and reference) of another seed
     err = capsys.readouterr().err
     assert "built from another reference model" in err and "output head weights" in err
@@ -110,10 +109,10 @@ def test_a_precomputed_reference_of_other_content_is_refused_at_lookup(tmp_path)
 def test_resume_with_a_changed_config_is_refused_naming_the_keys(tmp_path, capsys):
     out = tmp_path / "run"
     assert firempo_train(out) == 0
-    assert firempo_train(out, "training.resume_from=latest", "training.max_steps=3",
-                         "training.learning_rate=5e-4", "loss.beta=0.2") == 2
+    assert firempo_train(out, "--resume_from_checkpoint", "latest", "--max_steps", "3", "--learning_rate", "5e-4",
+                         "--beta", "0.2") == 2
     err = capsys.readouterr().err
-    assert "training.learning_rate: 0.0001 -> 0.0005" in err and "loss.beta" in err
+    assert "learning_rate: 0.0001 -> 0.0005" in err and "beta: 0.1 -> 0.2" in err and "max_steps" not in err
     assert "A resumed run continues the same run" in err and no_traceback(err)
     assert logged_steps(out) == [1, 2]
 
@@ -148,8 +147,8 @@ def test_unwritable_outputs_are_found_before_the_work(tmp_path, capsys):
     answers.write_text("".join(json.dumps({"id": f"r{i}", "answer": "No."}) + "\n" for i in range(3)))
     assert build_pairs.main(["--data", str(data), "--answers", str(answers), "--out", str(blocker / "p.jsonl")]) == 2
     assert "--out: cannot write into" in capsys.readouterr().err
-    assert train.main(["--config", SMOKE, f"training.output_dir={blocker / 'run'}"]) == 2
-    assert "training.output_dir: cannot write into" in capsys.readouterr().err
+    assert train.main(["--config", SMOKE, "--output_dir", str(blocker / "run")]) == 2
+    assert "output_dir: cannot write into" in capsys.readouterr().err
 
 
 def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path):
@@ -208,7 +207,7 @@ def test_resume_passes_over_a_damaged_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     assert firempo_train(out) == 0
     (out / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_hi')  # cut by a crash
-    assert firempo_train(out, "training.resume_from=latest") == 0
+    assert firempo_train(out, "--resume_from_checkpoint", "latest") == 0
     err = capsys.readouterr().err
     assert "passing over checkpoint-2: its trainer_state.json is unreadable" in err
     assert logged_steps(out) == [1, 2]  # step 2 was trained again from checkpoint-1
@@ -221,7 +220,7 @@ def test_a_deepspeed_latest_tag_pointing_outside_the_checkpoint_is_refused(tmp_p
     assert firempo_train(out) == 0
     for step in (1, 2):
         (out / f"checkpoint-{step}" / "latest").write_text("../../../elsewhere")
-    assert firempo_train(out, f"training.resume_from={out / 'checkpoint-2'}") == 2
+    assert firempo_train(out, "--resume_from_checkpoint", str(out / "checkpoint-2")) == 2
     err = capsys.readouterr().err
     assert "not a folder inside the checkpoint" in err and no_traceback(err)
 
@@ -250,17 +249,19 @@ def test_the_probe_sweep_finds_nothing_silent_crashing_or_lost_and_the_documente
 
 
 def test_resume_after_the_data_file_changed_under_the_same_path_is_refused(tmp_path):
-    from firempo_kernels.integrations.run_config import run_config_from_dict
-    from firempo_kernels.integrations.run_dir import check_resume, record_run
+    from firempo_kernels.integrations.recipe import parse_recipe
+    from firempo_kernels.integrations.run_dir import check_resume, record_run, run_record
 
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"id": "a"}\n')
     out = tmp_path / "run"
-    run = run_config_from_dict({"model": {"tiny": "llava"}, "data": {"path": str(data)},
-                                "training": {"output_dir": str(out)}}, tmp_path)
-    record_run(run)
+    record = run_record(*parse_recipe(["--tiny_model", "llava", "--data_path", str(data), "--output_dir", str(out),
+                                       "--bf16", "false"]))
+    record_run(str(out), record)
     (out / "checkpoint-1").mkdir()
-    check_resume(run, out / "checkpoint-1", print)  # unchanged: accepted
+    check_resume(record, str(out), out / "checkpoint-1", print)  # unchanged: accepted
     data.write_text('{"id": "a"}\n{"id": "b"}\n')
-    with pytest.raises(ValueError, match="data.path contents: 'sha256:"):
-        check_resume(run, out / "checkpoint-1", print)
+    changed = run_record(*parse_recipe(["--tiny_model", "llava", "--data_path", str(data), "--output_dir", str(out),
+                                        "--bf16", "false"]))
+    with pytest.raises(ValueError, match="data_path contents: 'sha256:"):
+        check_resume(changed, str(out), out / "checkpoint-1", print)

@@ -1,7 +1,5 @@
-"""`model.freeze_vision` leaves exactly the language model and the head trainable, in every served family: the
+"""`freeze_vision` leaves exactly the language model and the head trainable, in every served family: the
 vision tower and every module that carries its features into the language model are frozen."""
-
-from types import SimpleNamespace
 
 import pytest
 
@@ -16,9 +14,7 @@ _LANGUAGE_MODEL = ("model.language_model.", "model.text_model.")
 @pytest.mark.parametrize("family", [f for f in TINY_FAMILIES if f != "llama"])
 def test_freeze_vision_leaves_the_language_model_and_head(family):
     model = tiny_model(family)
-    run = SimpleNamespace(model=SimpleNamespace(freeze_vision=True, train_lm_head=True),
-                          lora=SimpleNamespace(enabled=False))
-    train._freeze(model, run)
+    train._freeze(model, freeze_vision=True, train_head=True)
     for name, p in model.named_parameters():
         language = name.startswith(_LANGUAGE_MODEL) or name.startswith("lm_head.")
         assert p.requires_grad == language, f"{family}: {name} requires_grad={p.requires_grad}"

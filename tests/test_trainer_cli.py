@@ -1,7 +1,7 @@
 """``firempo-train`` end to end, each run its own one-rank process as from a shell, on the shipped smoke
-config: LoRA training with the policy-without-adapters reference, then the reference pass and the same
-training from the precomputed reference, which must log the same losses; a bad run config is one clear
-message and exit code 2 (the config's own checks are in test_run_config.py)."""
+recipe: LoRA training with the policy-without-adapters reference, then the reference pass and the same
+training from the precomputed reference, which must log the same losses; a bad recipe is one clear message
+and exit code 2 (the recipe's own checks are in test_run_config.py)."""
 
 import json
 import os
@@ -15,7 +15,6 @@ import torch
 from firempo_kernels.integrations import train
 
 SMOKE = Path(train.__file__).parent / "configs" / "smoke.yaml"
-EXAMPLE = Path(train.__file__).parent / "configs" / "example_run.yaml"
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
 
 
@@ -39,16 +38,16 @@ def losses(directory):
 def test_lora_training_live_and_precomputed_reference(tmp_path):
     seed = int(torch.randint(0, 2**20, ()))
     common = [
-        "--config", str(SMOKE), f"model.seed={seed}", f"data.synthetic.seed={seed}", "data.synthetic.num_examples=4",
-        "lora.enabled=true", "lora.r=4", "lora.dropout=0.0", "model.train_lm_head=false",
-        "training.micro_batch_size=2", "training.gradient_accumulation_steps=1", "training.max_steps=2",
-        f"training.seed={seed}", "training.progress_bar=false", "training.save_steps=1", "training.save_total_limit=1",
-        f"reference.precomputed_dir={tmp_path / 'store'}",
+        "--config", str(SMOKE), "--tiny_seed", str(seed), "--synthetic_seed", str(seed), "--synthetic_examples", "4",
+        "--use_peft", "--lora_r", "4", "--lora_dropout", "0.0", "--train_lm_head", "false",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1", "--max_steps", "2",
+        "--seed", str(seed), "--disable_tqdm", "true", "--save_steps", "1", "--save_total_limit", "1",
+        "--precomputed_reference_dir", str(tmp_path / "store"),
     ]
-    log = run_cli(common + ["reference.mode=adapters_disabled", f"training.output_dir={tmp_path / 'live'}"])
+    log = run_cli(common + ["--reference_mode", "adapters_disabled", "--output_dir", str(tmp_path / "live")])
     assert "attention: sdpa (no GPU)" in log and "reference: adapters_disabled" in log
-    run_cli(common + ["reference.mode=precomputed", "--precompute-reference"])
-    log = run_cli(common + ["reference.mode=precomputed", f"training.output_dir={tmp_path / 'stored'}"])
+    run_cli(common + ["--reference_mode", "precomputed", "--precompute_reference", "--output_dir", str(tmp_path / "pre")])
+    log = run_cli(common + ["--reference_mode", "precomputed", "--output_dir", str(tmp_path / "stored")])
     assert "reference: precomputed" in log
 
     live, rows = losses(tmp_path / "live")
@@ -71,14 +70,14 @@ def test_lora_training_live_and_precomputed_reference(tmp_path):
     assert sorted(p.name for p in (tmp_path / "live").glob("checkpoint-*")) == ["checkpoint-2"]
 
 
-def test_a_bad_run_config_is_one_clear_message_and_exit_code_2(tmp_path):
-    bad = tmp_path / "run.yaml"
-    bad.write_text("model: {tiny: llava, trust_remote_code: 'false'}\ntrainer: {}\ndata: {synthetic: {num_examples: 2}}\n")
+def test_a_bad_recipe_is_one_clear_message_and_exit_code_2(tmp_path):
+    bad = tmp_path / "recipe.yaml"
+    bad.write_text("tiny_model: llava\ntrust_remote_code: 'false'\ntrainer: {}\nsynthetic_examples: 2\n")
     log = run_cli(["--config", str(bad)], expect=2)
-    assert "model.trust_remote_code" in log and "trainer: unknown section" in log
-    assert "Traceback" not in log
+    assert "trust_remote_code: expected true or false; got 'false' (str)" in log and "trainer: unknown key" in log
+    assert log.count("firempo-train: error") == 1 and "Traceback" not in log and "usage:" not in log
     log = run_cli(["--config", str(tmp_path / "missing.yaml")], expect=2)
-    assert "no run config" in log and "Traceback" not in log
+    assert "no recipe at" in log and "Traceback" not in log
 
 
 def test_attention_is_chosen_automatically():
@@ -95,12 +94,12 @@ def test_a_store_of_another_model_is_refused_by_name_and_kept(tmp_path, capsys, 
     store = tmp_path / "store"
 
     def firempo_train(out, seed, *extra):
-        return train.main(["--config", str(SMOKE), *extra, "deepspeed=null", f"model.seed={seed}",
-                           "data.synthetic.num_examples=2", "training.max_steps=1", "training.progress_bar=false",
-                           "training.gradient_checkpointing=false", "reference.mode=precomputed",
-                           f"reference.precomputed_dir={store}", f"training.output_dir={tmp_path / out}"])
+        return train.main(["--config", str(SMOKE), *extra, "--tiny_seed", str(seed), "--synthetic_examples", "2",
+                           "--max_steps", "1", "--disable_tqdm", "true", "--gradient_checkpointing", "false",
+                           "--reference_mode", "precomputed", "--precomputed_reference_dir", str(store),
+                           "--output_dir", str(tmp_path / out)])
 
-    assert firempo_train("pre", 1, "--precompute-reference") == 0
+    assert firempo_train("pre", 1, "--precompute_reference") == 0
     before = {p.name: p.read_bytes() for p in store.iterdir()}
     capsys.readouterr()
     assert firempo_train("run", 2) == 2

@@ -1,5 +1,6 @@
 """ZeRO-3 on two CPU ranks through the DeepSpeed launcher (``deepspeed --num_gpus 2 --module
-firempo_kernels.integrations.train``) against one process without DeepSpeed, on the tiny smoke model:
+firempo_kernels.integrations.train``) and through ``accelerate launch`` with TRL's ZeRO-3 accelerate config,
+against one process without DeepSpeed, on the tiny smoke recipe:
 full fine-tuning with a frozen reference model, a LoRA policy whose reference is the policy with its adapters
 off, and a ZeRO-3 run resumed from its step-1 checkpoint against the uninterrupted one. The ZeRO-3 runs pack
 each example's two rows on their shared prefix (the default), the one-process runs do not: the packed forward
@@ -37,8 +38,8 @@ SMOKE = Path(train.__file__).parent / "configs" / "smoke.yaml"
 ZERO3 = Path(train.__file__).parent / "configs" / "zero3.json"
 RTOL = 1e-5
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
-LORA = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.0", "model.train_lm_head=false",
-        "reference.mode=adapters_disabled"]
+LORA = ["--use_peft", "--lora_r", "4", "--lora_dropout", "0.0", "--train_lm_head", "false",
+        "--reference_mode", "adapters_disabled"]
 
 
 def free_port() -> int:
@@ -57,13 +58,12 @@ def environment():
 
 def overrides(out: Path, seed: int, micro: int) -> list[str]:
     return [
-        "--config", str(SMOKE), f"model.seed={seed}", f"data.synthetic.seed={seed}", "data.synthetic.num_examples=8",
-        "reference.mode=model", f"reference.seed={seed + 1}", "model.freeze_vision=true",
-        f"training.micro_batch_size={micro}", "training.gradient_accumulation_steps=2", "training.max_steps=2",
-        "training.shuffle=false", f"training.seed={seed}", "training.learning_rate=0.1", "training.adam_eps=1.0",
-        "training.max_grad_norm=0",
-        "training.gradient_checkpointing=false", "training.progress_bar=false", "training.save_steps=1",
-        f"training.output_dir={out}",
+        "--config", str(SMOKE), "--tiny_seed", str(seed), "--synthetic_seed", str(seed), "--synthetic_examples", "8",
+        "--reference_mode", "model", "--reference_tiny_seed", str(seed + 1), "--freeze_vision", "true",
+        "--per_device_train_batch_size", str(micro), "--gradient_accumulation_steps", "2", "--max_steps", "2",
+        "--train_sampling_strategy", "sequential", "--seed", str(seed), "--learning_rate", "0.1",
+        "--adam_epsilon", "1.0", "--max_grad_norm", "0", "--gradient_checkpointing", "false",
+        "--disable_tqdm", "true", "--save_steps", "1", "--output_dir", str(out),
     ]
 
 
@@ -91,15 +91,28 @@ class Launches:
             self.logs[name] = run(
                 cmd + ["--num_gpus", "2", "--master_port", str(free_port()), "--module",
                        "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1), *extra,
-                       f"deepspeed={self.ds_config}"],
+                       "--deepspeed", str(self.ds_config)],
                 f"2-rank deepspeed launch {name}")
+        return self.root / name
+
+    def accelerate(self, name: str, *extra: str) -> Path:
+        """``accelerate launch`` with TRL's own ZeRO-3 accelerate config, on 2 ranks and without mixed precision."""
+        import trl
+
+        config = Path(trl.__file__).parent / "accelerate_configs" / "zero3.yaml"
+        if name not in self.logs:
+            self.logs[name] = run(
+                [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config),
+                 "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+                 "-m", "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1), *extra],
+                f"2-rank accelerate launch {name}")
         return self.root / name
 
     def plain(self, name: str, *extra: str) -> Path:
         if name not in self.logs:
             self.logs[name] = run(
                 [sys.executable, "-m", "firempo_kernels.integrations.train",
-                 *overrides(self.root / name, self.seed, 2), *extra, "deepspeed=null", "training.shared_prefix=false"],
+                 *overrides(self.root / name, self.seed, 2), *extra, "--shared_prefix", "false"],
                 f"one-process run {name}")
         return self.root / name
 
@@ -150,13 +163,22 @@ def test_zero3_two_ranks_equal_one_process_without_deepspeed(launches):
         assert row[key] == pytest.approx(plain_row[key], rel=1e-4, abs=1e-6), key
 
 
+def test_accelerate_launch_with_trls_zero3_config_equals_one_process(launches):
+    """A TRL recipe launched the TRL way: ``accelerate launch --config_file trl/accelerate_configs/zero3.yaml``
+    on two CPU ranks trains as one process does (losses and final weights)."""
+    accelerated, plain = launches.accelerate("accelerate"), launches.plain("plain")
+    assert "output head: whole on every rank (ZeRO-3" in launches.logs["accelerate"]  # ZeRO-3 ran
+    assert_same_losses(accelerated, plain)
+    assert_same_weights(accelerated, plain, "model.safetensors")
+
+
 @pytest.mark.parametrize("family", ["gemma3", "paligemma2"])
 def test_zero3_two_ranks_equal_one_process_for_other_families(launches, family):
     """Gemma 3 (MedGemma): its bidirectional image blocks and sliding-window layers in the packed ZeRO-3
     forward; PaliGemma 2: its soft-capped logits and the prompt lengths the batch carries; each against the
     unpacked forward of one process."""
-    zero3, plain = launches.zero3(f"{family}_zero3", f"model.tiny={family}"), \
-        launches.plain(f"{family}_plain", f"model.tiny={family}")
+    zero3, plain = launches.zero3(f"{family}_zero3", "--tiny_model", family), \
+        launches.plain(f"{family}_plain", "--tiny_model", family)
     assert_head_partitioned(launches.logs[f"{family}_zero3"])
     assert_same_losses(zero3, plain)
     weights = assert_same_weights(zero3, plain, "model.safetensors")
@@ -177,19 +199,19 @@ def test_zero3_resume_from_a_checkpoint_equals_the_uninterrupted_run(launches):
     uninterrupted = launches.zero3("zero3")
     checkpoint = uninterrupted / "checkpoint-1"
     assert checkpoint.is_dir()
-    resumed = launches.zero3("resumed", f"training.resume_from={checkpoint}")
+    resumed = launches.zero3("resumed", "--resume_from_checkpoint", str(checkpoint))
     assert_same_losses(resumed, uninterrupted, rel=0)
     assert_same_weights(resumed, uninterrupted, "model.safetensors", rel=0)
 
 
-def test_a_config_error_on_two_ranks_is_one_message_without_traceback(launches):
+def test_a_recipe_error_on_two_ranks_is_one_message_without_traceback(launches):
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
     proc = subprocess.run(
         cmd + ["--num_gpus", "2", "--master_port", str(free_port()), "--module", "firempo_kernels.integrations.train",
-               "--config", str(SMOKE), "training.shuffle=banana", f"training.output_dir={launches.root / 'bad'}"],
+               "--config", str(SMOKE), "--use_peft", "banana", "--output_dir", str(launches.root / "bad")],
         env=environment(), capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert text.count("firempo-train: error") == 1 and "training.shuffle" in text, text[-3000:]
+    assert text.count("firempo-train: error") == 1 and "use_peft: expected true or false" in text, text[-3000:]
     assert "Traceback" not in text
