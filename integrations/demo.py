@@ -13,7 +13,7 @@ Steps (each prints what it wrote and where):
    and edits, the diff tags the edited words (:mod:`.data.build_pairs`);
 4. lesion corruption of the training and held-out images (:mod:`.data.corrupt`);
 5. FiRe-MPO training on 2 CPU processes under ZeRO-3, launched with ``deepspeed --num_gpus 2 --module
-   firempo_kernels.integrations.train`` on a written run config (a frozen reference copy of the base model);
+   firempo_kernels.integrations.train`` on a written TRL recipe (a frozen reference copy of the base model);
 6. evaluation of the base and the trained model on the held-out split (:mod:`.evaluate`);
 7. ``runs/demo/``: ``metrics.jsonl`` (training), ``eval.json``, ``curves.png`` (loss, reward margin, reward
    accuracy, both KLs over steps) and ``report.md``, whose path is printed last.

@@ -16,7 +16,7 @@ Layout of a store directory::
     ...
 
 Build it with :func:`precompute_reference` (every rank writes its own shards; rank 0 writes the index) or
-``firempo-train --config run.yaml --precompute-reference``; read it with :class:`PrecomputedReferenceStore`.
+``firempo-train --config recipe.yaml --precompute_reference``; read it with :class:`PrecomputedReferenceStore`.
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ class PrecomputedReferenceStore:
         if not index.is_file():
             raise FileNotFoundError(
                 f"PrecomputedReferenceStore: no {_INDEX} in {self.directory}; build the store first "
-                "(firempo-train --config run.yaml --precompute-reference)"
+                "(firempo-train --config recipe.yaml --precompute_reference)"
             )
         with open(index, encoding="utf-8") as f:
             content = json.load(f)

@@ -2,8 +2,8 @@
 
 Nothing here downloads anything: a model comes from a config with random weights, and the examples are
 random tokens laid out like real ones (image placeholders, a prompt, two responses that differ in one
-tagged span, a noisier copy of the image as v'). ``firempo-train`` accepts ``model.tiny: <family>`` and
-``data.synthetic: {...}`` so a launch (DeepSpeed config, ranks, checkpointing) can be checked end to end on
+tagged span, a noisier copy of the image as v'). ``firempo-train`` accepts ``tiny_model: <family>`` and
+``synthetic_examples: <n>`` so a launch (DeepSpeed config, ranks, checkpointing) can be checked end to end on
 any machine before a real model is involved.
 """
 
