@@ -90,7 +90,7 @@ class AblationConfig:
     contrast: tuple[float, float] = (14.0, 150.0)  #: lesion contrast of the pairs, validation and held-out scans
     sft_contrast: tuple[float, float] = (100.0, 150.0)  #: of the fine-tuning split: clear lesions teach looking
     #: 5e-3 and 1e-3 left side/level/size at chance for 1,000+ steps (every kind at its majority answer);
-    #: 3e-4 reads them within 150-400 steps (validation runs, 3 seeds of the model)
+    #: 3e-4 read them within 150-500 steps in 3 of 5 runs (3 model seeds; validation split)
     sft_lr: float = 3e-4
     sft_batch: int = 32
     sft_target: float = 0.65  #: validation accuracy on the image-dependent kinds that stops the fine-tuning
