@@ -4,7 +4,10 @@ runs a request inside the forward of the module DeepSpeed wraps.
 Under DeepSpeed ZeRO-3 a partitioned ``lm_head.weight`` is whole only while the forward of the module that
 DeepSpeed wraps is running. So, like TRL's fused LM head, the policy's ``forward`` is patched once
 (:func:`add_firempo_forward`): ``model(firempo=request)`` runs ``request`` on the unwrapped Hugging Face model
-inside that forward, and every other call is the model's original forward, untouched. A request is either
+inside that forward, and every other call is the model's original forward, untouched. FSDP2 (``fully_shard``)
+holds the same way: the root's parameters, the head among them, are ``DTensor`` shards between forwards and
+whole inside the root's forward, where FSDP's own gather carries the gradient back through its reduce-scatter.
+A request is either
 :class:`HiddenStatesRequest` (the reference passes) or :class:`LossRequest` (the policy passes, the head
 and the fused loss). peft and DeepSpeed wrappers pass the keyword through unchanged.
 
@@ -37,6 +40,7 @@ __all__ = [
     "LossRequest",
     "add_firempo_forward",
     "call_with_request",
+    "is_sharded_tensor",
 ]
 
 
@@ -117,6 +121,15 @@ class LossRequest:
         hidden = block_hidden_states(adapter, model, self.batch, self.corrupted, self.shared_prefix)
         labels, span_weights, has_corrupted = block_targets(self.batch, self.corrupted)
         weight, bias = adapter.head(model)
+        if is_sharded_tensor(weight) or is_sharded_tensor(bias):
+            # Gathering here (full_tensor) would give the right loss but a gradient that reaches the shard
+            # without FSDP's reduce-scatter: each rank would step on its own micro-batch's gradient alone.
+            raise RuntimeError(
+                f"{type(model).__name__}: the output head is still an FSDP shard (a DTensor) inside the forward, "
+                "so it is owned by an FSDP module that is not running; leave lm_head (and tied embeddings) in "
+                "the root's FSDP group, e.g. accelerate's TRANSFORMER_BASED_WRAP, which shards only the "
+                "decoder layers on their own"
+            )
         ref_weight, ref_bias = self.reference_head if self.reference_head is not None else (None, None)
         if ref_weight is weight:
             ref_weight, ref_bias = None, None  # the loss then shares the head (and its bias) explicitly
@@ -124,6 +137,14 @@ class LossRequest:
             weight, hidden, self.reference, labels, span_weights, has_corrupted,
             ref_weight=ref_weight, bias=bias, ref_bias=ref_bias, num_examples_in_batch=self.num_examples_in_batch,
         )
+
+
+def is_sharded_tensor(tensor: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` is a ``DTensor`` (a parameter that FSDP2's ``fully_shard`` holds as a shard outside
+    the forward of its owning module)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 _PATCHED = "_firempo_original_forward"

@@ -11,7 +11,7 @@ evaluation all take them through :class:`Reference`:
 - :class:`~.precompute.PrecomputedStoreReference` -- a store written once by a reference pass (no reference
   forward during training at all), beside the store in :mod:`.precompute`.
 
-Under DeepSpeed ZeRO-3 a partitioned parameter is whole only inside the forward of the module that owns it.
+Under DeepSpeed ZeRO-3 and FSDP2 a sharded parameter is whole only inside the forward of the module that owns it.
 A reference head that differs from the policy's is therefore copied whole once, outside any forward, and
 kept (it never changes); a head that IS the policy's is read inside the policy's forward like the policy's.
 """
@@ -27,7 +27,7 @@ from torch import nn
 
 from firempo_kernels.precomputed_reference import PrecomputedReference
 
-from .blocks import HiddenStatesRequest, call_with_request
+from .blocks import HiddenStatesRequest, call_with_request, is_sharded_tensor
 from .models import get_adapter, unwrap_model
 
 if TYPE_CHECKING:
@@ -77,11 +77,16 @@ def _is_partitioned(tensor: torch.Tensor) -> bool:
 
 
 def whole_head(head: Head) -> Head:
-    """A detached copy of a head that stays whole; a ZeRO-3 partitioned head is gathered for the copy.
+    """A detached copy of a head that stays whole; a ZeRO-3 partitioned head is gathered for the copy, an FSDP2
+    sharded one (a ``DTensor``) is all-gathered with :meth:`DTensor.full_tensor`.
 
-    Must run outside any forward: gathering a parameter that a running forward holds fails in ZeRO-3.
+    Must run outside any forward, on every rank at once: gathering a parameter that a running forward holds
+    fails in ZeRO-3, and both gathers are collectives.
     """
     weight, bias = head
+    if is_sharded_tensor(weight) or is_sharded_tensor(bias):
+        return tuple(None if t is None else (t.full_tensor() if is_sharded_tensor(t) else t).detach().clone()
+                     for t in (weight, bias))
     params = [t for t in (weight, bias) if t is not None and _is_partitioned(t)]
     if not params:
         return weight.detach(), None if bias is None else bias.detach()
