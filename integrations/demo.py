@@ -263,6 +263,30 @@ def verdicts(base, trained) -> list[str]:
     return lines
 
 
+def generated_verdict(base_answers, trained_answers, base, trained) -> str:
+    """What the models' own greedy answers did (closed accuracy of the generated answer, overall and per kind,
+    beyond ~2 standard errors), and whether it agrees with the log-prob ranking of :func:`verdicts`."""
+
+    def change(b, t) -> tuple[str, bool]:
+        se = math.hypot(b.closed_accuracy_se, t.closed_accuracy_se)
+        delta = t.closed_accuracy - b.closed_accuracy
+        state = "improved" if delta > 2 * se else "got worse" if delta < -2 * se else "did not move beyond noise"
+        return f"{100 * b.closed_accuracy:.1f}% -> {100 * t.closed_accuracy:.1f}% ({state})", delta < -2 * se
+
+    overall, fell = change(base_answers.overall, trained_answers.overall)
+    kinds = [f"{kind} {change(b, trained_answers.by_kind[kind])[0]}" for kind, b in base_answers.by_kind.items()
+             if b.closed and kind in trained_answers.by_kind]
+    text = (f"The models' own greedy answers: closed accuracy of the generated answer {overall}"
+            + (f"; per kind: {', '.join(kinds)}" if kinds else "") + ".")
+    se = math.hypot(math.sqrt(max(base.accuracy * (1 - base.accuracy), 1e-12) / max(base.closed, 1)),
+                    math.sqrt(max(trained.accuracy * (1 - trained.accuracy), 1e-12) / max(trained.closed, 1)))
+    ranked_up = trained.accuracy - base.accuracy > 2 * se
+    if ranked_up and (fell or trained_answers.overall.closed_accuracy <= base_answers.overall.closed_accuracy):
+        text += (" The ranking of the candidates rose while the answers the model says did not: it ranks the right "
+                 "candidate first more often without saying it (its answers are in eval.json).")
+    return text
+
+
 def margins_paragraph(clean_first: float, clean_last: float, visual_first: float, visual_last: float) -> str:
     """The clean and the visual reward margins over training, with what each one measures; no verdict."""
     head = (f"Clean reward margin (beta x [Delta(y+, v) - Delta(y-, v)]) {clean_first:+.3f} -> {clean_last:+.3f}; "
@@ -327,6 +351,7 @@ def write_report(out: Path, cfg: DemoConfig, facts: dict[str, Any], rows, base, 
         answer_table(answers),
         "## What moved and what did not",
         *verdicts(base, trained),
+        generated_verdict(answers["base"], answers["trained"], base, trained),
         "A model this small, trained for minutes on synthetic scans, shows the mechanics (on-policy pairs, "
         "corruption, the loss under ZeRO-3, the evaluation), not what the method does for a 7B medical model.",
     ]

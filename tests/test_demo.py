@@ -107,3 +107,23 @@ def test_whole_path_on_tiny_sizes(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert f"wrote the training curves to {out / 'curves.png'}" in printed
     assert report == out / "report.md"
+
+
+def test_generated_verdict_names_what_the_answers_did_and_a_ranking_it_disagrees_with():
+    from firempo_kernels.integrations.data.records import QARecord
+    from firempo_kernels.integrations.metrics import score_answers
+
+    sides = ["left", "right"] * 10
+    asked = [QARecord(id=f"synth-heldout-{i:05d}-side", image="x.png", question="Is the lesion in the left or the right lung?",
+                      ground_truth=f"The lesion is in the {side} lung", answer_type="closed", candidates=("left", "right"))
+             for i, side in enumerate(sides)]
+    said_right = score_answers(asked, [f"The lesion is in the {side} lung" for side in sides])
+    collapsed = score_answers(asked, ["The lesion is large"] * len(asked))  # names no candidate
+    ranking_up = (_report(0.5, {}, 0.0, 0.01), _report(0.9, {}, 0.0, 0.01))
+    text = demo.generated_verdict(said_right, collapsed, *ranking_up)
+    assert "closed accuracy of the generated answer 100.0% -> 0.0% (got worse)" in text
+    assert "per kind: side 100.0% -> 0.0% (got worse)" in text
+    assert "ranks the right candidate first more often without saying it" in text
+    # answers that improved with the ranking: no disagreement to report
+    text = demo.generated_verdict(collapsed, said_right, *ranking_up)
+    assert "0.0% -> 100.0% (improved)" in text and "without saying it" not in text
