@@ -6,7 +6,8 @@ The ranks shard the model as accelerate's FSDP2 plugin does with ``TRANSFORMER_B
 tower, projector and ``lm_head``, which between forwards is a ``DTensor`` shard on each rank. The policy's head
 and the fused loss run inside the root's forward (``model(firempo=request)``), where FSDP2 has all-gathered the
 head; the frozen reference model is sharded the same way, and its head is read outside any forward, so it is
-gathered into a whole copy. With tied embeddings the head is the input embedding's tensor.
+gathered into a whole copy. With tied embeddings the head is the input embedding's tensor. A LoRA policy (peft
+around the model, sharded alike) takes the policy with its adapters off as its reference.
 
 Both sides see the same four examples per optimizer step: 2 ranks x 1 example x 2 accumulation steps against 1
 process x 2 examples x 2 accumulation steps. The ranks pack each example's two rows on their shared prefix,
@@ -34,17 +35,20 @@ from test_trainer_distributed import RTOL, environment, free_port
 
 FSDP2_CONFIG = Path(integrations.__file__).parent / "configs" / "accelerate" / "fsdp2.yaml"
 STEPS, WINDOW, ACCUMULATION, LR = 2, 4, 2, 0.5
+VARIANTS = ("untied", "tied", "lora")
 
 
-def _worker(out: Path, seed: int, tied: bool, head_apart: bool = False) -> None:
+def _worker(out: Path, seed: int, variant: str) -> None:
     """Train ``STEPS`` SGD steps with :func:`compute_firempo_loss`, sharded when launched on several ranks; rank 0
-    writes the per-step losses and the whole weights before and after. ``head_apart``: the policy's
-    ``lm_head`` is an FSDP module of its own, outside the root's group."""
+    writes the per-step losses and the whole weights before and after. ``variant``: one of :data:`VARIANTS`,
+    or ``head_apart`` (the policy's ``lm_head`` an FSDP module of its own, outside the root's group)."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
     from firempo_kernels.integrations.batch import PreferenceCollator
     from firempo_kernels.integrations.forward import compute_firempo_loss
+    from firempo_kernels.integrations.models import unwrap_model
+    from firempo_kernels.integrations.reference import ADAPTERS_DISABLED
     from firempo_kernels.integrations.smoke import synthetic_examples, tiny_model
     from firempo_kernels.losses import FiReMPOLoss
 
@@ -55,16 +59,25 @@ def _worker(out: Path, seed: int, tied: bool, head_apart: bool = False) -> None:
 
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
+    tied = variant == "tied"
     policy = tiny_model("llava", seed=seed, tie_word_embeddings=tied).train()
-    reference = tiny_model("llava", seed=seed + 1, tie_word_embeddings=tied)
     if tied:
         assert policy.get_output_embeddings().weight is policy.get_input_embeddings().weight
     data = synthetic_examples(policy.config, STEPS * WINDOW, seed=seed, corrupted_every=2)
+    if variant == "lora":
+        import peft
+
+        torch.manual_seed(seed)  # the adapters' A
+        policy = peft.get_peft_model(policy, peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]))
+        reference = ADAPTERS_DISABLED
+    else:
+        reference = tiny_model("llava", seed=seed + 1, tie_word_embeddings=tied)
     if sharded:
-        if head_apart:
+        if variant == "head_apart":
             fully_shard(policy.get_output_embeddings())
-        for model in (policy, reference):
-            layers = set(model._no_split_modules)
+        for model in (policy,) if variant == "lora" else (policy, reference):
+            layers = set(unwrap_model(model)._no_split_modules)
             for module in model.modules():
                 if type(module).__name__ in layers:
                     fully_shard(module)
@@ -79,7 +92,7 @@ def _worker(out: Path, seed: int, tied: bool, head_apart: bool = False) -> None:
     assert sharded == (type(head).__name__ == "DTensor"), type(head)
     optimizer = torch.optim.SGD(policy.parameters(), lr=LR)
     loss_fn = FiReMPOLoss(beta=0.5, alpha=0.2, gamma=0.5, lambda_=0.3)
-    collate = PreferenceCollator(policy.config.text_config.pad_token_id)
+    collate = PreferenceCollator(unwrap_model(policy).config.text_config.pad_token_id)
     per_micro = WINDOW // (world * ACCUMULATION)
     losses = []
     for step in range(STEPS):
@@ -108,28 +121,30 @@ def _worker(out: Path, seed: int, tied: bool, head_apart: bool = False) -> None:
         dist.destroy_process_group()
 
 
-def _launch(out: Path, seed: int, tied: bool, ranks: int, *extra: str) -> subprocess.CompletedProcess:
-    script = [__file__, "--out", str(out), "--seed", str(seed), *extra] + (["--tied"] if tied else [])
+def _launch(out: Path, seed: int, variant: str, ranks: int) -> subprocess.CompletedProcess:
+    script = [__file__, "--out", str(out), "--seed", str(seed), "--variant", variant]
     cmd = [sys.executable, *script] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
         "--master_port", str(free_port()), *script]
     return subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=300)
 
 
-def _train(out: Path, seed: int, tied: bool, ranks: int) -> Path:
-    proc = _launch(out, seed, tied, ranks)
+def _train(out: Path, seed: int, variant: str, ranks: int) -> Path:
+    proc = _launch(out, seed, variant, ranks)
     if proc.returncode != 0:
         pytest.fail(f"{ranks}-rank run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return out
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_fsdp2_two_ranks_equal_one_process(tmp_path, tied):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fsdp2_two_ranks_equal_one_process(tmp_path, variant):
+    """Full fine-tuning with a frozen reference model (untied and tied embeddings), and a LoRA policy whose
+    reference is the policy with its adapters off."""
     from safetensors.torch import load_file
 
     seed = int(torch.randint(0, 2**20, ()))
     print(f"data and model seed {seed}")
-    sharded, plain = _train(tmp_path / "fsdp2", seed, tied, 2), _train(tmp_path / "plain", seed, tied, 1)
+    sharded, plain = _train(tmp_path / "fsdp2", seed, variant, 2), _train(tmp_path / "plain", seed, variant, 1)
     losses = json.loads((sharded / "losses.json").read_text()), json.loads((plain / "losses.json").read_text())
     assert len(losses[0]) == STEPS
     assert losses[0] == pytest.approx(losses[1], rel=RTOL, abs=0)
@@ -145,14 +160,18 @@ def test_fsdp2_two_ranks_equal_one_process(tmp_path, tied):
         assert torch.isfinite(change).all(), name
         error, scale = (change - expected).norm().item(), expected.norm().item()
         assert error <= RTOL * scale + 1e-7 * total, f"{name}: |diff| {error:.3e}, |change| {scale:.3e}"
-    head = "lm_head.weight" if "lm_head.weight" in start else "model.language_model.embed_tokens.weight"
-    assert changes[head][1].norm() > 1e-3 * total, head  # the head trained
+    trained = [name for name, (_, expected) in changes.items() if expected.norm() > 1e-3 * total]
+    if variant == "lora":
+        assert trained and all("lora_" in name for name in trained), trained
+        assert any("lora_A" in name for name in trained) and any("lora_B" in name for name in trained)
+    else:
+        assert "lm_head.weight" in trained or "model.language_model.embed_tokens.weight" in trained
 
 
 def test_a_head_sharded_apart_from_the_root_is_refused(tmp_path):
     """An ``lm_head`` that FSDP2 shards on its own is not gathered by the policy's forward; gathering it in the
     loss would give each rank's shard its own micro-batch's gradient, unreduced, so the loss refuses it."""
-    proc = _launch(tmp_path / "apart", 0, False, 2, "--head_apart")
+    proc = _launch(tmp_path / "apart", 0, "head_apart", 2)
     assert proc.returncode != 0
     assert "the output head is still an FSDP shard (a DTensor) inside the forward" in proc.stderr, proc.stderr[-3000:]
 
@@ -185,7 +204,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--tied", action="store_true")
-    parser.add_argument("--head_apart", action="store_true")
+    parser.add_argument("--variant", choices=[*VARIANTS, "head_apart"], required=True)
     options = parser.parse_args()
-    _worker(options.out, options.seed, options.tied, options.head_apart)
+    _worker(options.out, options.seed, options.variant)
