@@ -96,6 +96,16 @@ def whole_head(head: Head) -> Head:
         return weight.detach().clone(), None if bias is None else bias.detach().clone()
 
 
+def _reshard(model: nn.Module) -> None:
+    """Free the parameters that FSDP2 gathered for a reference forward. FSDP2 keeps a root module's parameters
+    whole after its forward (a backward usually follows); a frozen reference has none, so without this it
+    would hold the whole model on every rank, and its head would be FSDP's gathered buffer, not a shard."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 class Reference:
     """What the FiRe-MPO loss reads from the reference model, for one batch.
 
@@ -138,7 +148,9 @@ class FrozenModelReference(Reference):
 
     def hidden_states(self, policy, batch, corrupted, shared_prefix=False):
         with torch.no_grad(), _eval_mode(self.model):
-            return call_with_request(self.model, HiddenStatesRequest(batch, corrupted, shared_prefix))
+            hidden = call_with_request(self.model, HiddenStatesRequest(batch, corrupted, shared_prefix))
+        _reshard(self.model)
+        return hidden
 
     def head(self, policy: nn.Module) -> Head:
         if self._head is None:

@@ -5,8 +5,8 @@ The ranks shard the model as accelerate's FSDP2 plugin does with ``TRANSFORMER_B
 (the classes of ``_no_split_modules``) is its own FSDP module, and the root holds the rest: embeddings, vision
 tower, projector and ``lm_head``, which between forwards is a ``DTensor`` shard on each rank. The policy's head
 and the fused loss run inside the root's forward (``model(firempo=request)``), where FSDP2 has all-gathered the
-head; the frozen reference model is sharded the same way, and its head is read outside any forward, so it is
-gathered into a whole copy. With tied embeddings the head is the input embedding's tensor. A LoRA policy (peft
+head; the frozen reference model is one FSDP module, as TRL's ``prepare_fsdp`` shards it, and its head is read
+outside any forward, so it is gathered into a whole copy. With tied embeddings the head is the input embedding's tensor. A LoRA policy (peft
 around the model, sharded alike) takes the policy with its adapters off as its reference.
 
 Both sides see the same four examples per optimizer step: 2 ranks x 1 example x 2 accumulation steps against 1
@@ -76,12 +76,13 @@ def _worker(out: Path, seed: int, variant: str) -> None:
     if sharded:
         if variant == "head_apart":
             fully_shard(policy.get_output_embeddings())
-        for model in (policy,) if variant == "lora" else (policy, reference):
-            layers = set(unwrap_model(model)._no_split_modules)
-            for module in model.modules():
-                if type(module).__name__ in layers:
-                    fully_shard(module)
-            fully_shard(model)
+        layers = set(unwrap_model(policy)._no_split_modules)
+        for module in policy.modules():
+            if type(module).__name__ in layers:
+                fully_shard(module)
+        fully_shard(policy)
+        if variant != "lora":
+            fully_shard(reference)  # one group, as TRL's prepare_fsdp shards a reference model under FSDP2
 
     def whole() -> dict[str, torch.Tensor]:
         return {name: (p.full_tensor() if sharded else p).detach().clone()
