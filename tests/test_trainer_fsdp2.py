@@ -6,8 +6,9 @@ The ranks shard the model as accelerate's FSDP2 plugin does with ``TRANSFORMER_B
 tower, projector and ``lm_head``, which between forwards is a ``DTensor`` shard on each rank. The policy's head
 and the fused loss run inside the root's forward (``model(firempo=request)``), where FSDP2 has all-gathered the
 head; the frozen reference model is one FSDP module, as TRL's ``prepare_fsdp`` shards it, and its head is read
-outside any forward, so it is gathered into a whole copy. With tied embeddings the head is the input embedding's tensor. A LoRA policy (peft
-around the model, sharded alike) takes the policy with its adapters off as its reference.
+outside any forward, so it is gathered into a whole copy. With tied embeddings the head is the input embedding's tensor (that run also
+recomputes the decoder layers in the backward: non-reentrant gradient checkpointing, on both sides). A LoRA
+policy (peft around the model, sharded alike) takes the policy with its adapters off as its reference.
 
 Both sides see the same four examples per optimizer step: 2 ranks x 1 example x 2 accumulation steps against 1
 process x 2 examples x 2 accumulation steps. The ranks pack each example's two rows on their shared prefix,
@@ -35,7 +36,7 @@ from test_trainer_distributed import RTOL, environment, free_port
 
 FSDP2_CONFIG = Path(integrations.__file__).parent / "configs" / "accelerate" / "fsdp2.yaml"
 STEPS, WINDOW, ACCUMULATION, LR = 2, 4, 2, 0.5
-VARIANTS = ("untied", "tied", "lora")
+VARIANTS = ("untied", "tied_checkpointed", "lora")
 
 
 def _worker(out: Path, seed: int, variant: str) -> None:
@@ -59,11 +60,13 @@ def _worker(out: Path, seed: int, variant: str) -> None:
 
         dist.init_process_group("gloo")
     rank, world = (dist.get_rank(), dist.get_world_size()) if sharded else (0, 1)
-    tied = variant == "tied"
+    tied = variant == "tied_checkpointed"
     policy = tiny_model("llava", seed=seed, tie_word_embeddings=tied).train()
     if tied:
         assert policy.get_output_embeddings().weight is policy.get_input_embeddings().weight
     data = synthetic_examples(policy.config, STEPS * WINDOW, seed=seed, corrupted_every=2)
+    if tied:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if variant == "lora":
         import peft
 
@@ -139,8 +142,8 @@ def _train(out: Path, seed: int, variant: str, ranks: int) -> Path:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_fsdp2_two_ranks_equal_one_process(tmp_path, variant):
-    """Full fine-tuning with a frozen reference model (untied and tied embeddings), and a LoRA policy whose
-    reference is the policy with its adapters off."""
+    """Full fine-tuning with a frozen reference model (untied; tied embeddings with gradient checkpointing), and
+    a LoRA policy whose reference is the policy with its adapters off."""
     from safetensors.torch import load_file
 
     seed = int(torch.randint(0, 2**20, ()))
