@@ -33,7 +33,8 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGES),
     package_dir=PACKAGES,
-    package_data={"firempo_kernels.integrations": ["configs/*.json", "configs/*.yaml", "demo_assets/*"]},
+    package_data={"firempo_kernels.integrations": ["configs/*.json", "configs/*.yaml", "configs/accelerate/*.yaml",
+                                                   "demo_assets/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.4; platform_system == 'Linux'",

@@ -69,13 +69,14 @@ def registered_adapters() -> dict[str, str]:
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside ``peft`` (PeftModel) and DeepSpeed engine wrappers."""
+    """The Hugging Face model inside ``peft`` (PeftModel), DeepSpeed engine and DistributedDataParallel
+    wrappers."""
     seen = 0
     while seen < 8:
         seen += 1
         if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
             model = model.get_base_model()
-        elif type(model).__name__ == "DeepSpeedEngine":
+        elif type(model).__name__ == "DeepSpeedEngine" or isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         else:
             return model

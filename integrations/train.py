@@ -267,6 +267,14 @@ def _accelerate_deepspeed_without_gpu(tokens: list[str]) -> list[str]:
     return recipe_argv(["--deepspeed", config]) + tokens
 
 
+def _refuse_fsdp_without_gpu() -> None:
+    """accelerate applies its FSDP plugin to GPU ranks only: on CPUs an FSDP launch would train as plain DDP
+    or as processes that each train alone, without a word."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
+        raise ValueError("accelerate launch: FSDP runs on GPU ranks only (accelerate has no FSDP on CPUs, where "
+                         "the ranks would not be sharded); on CPUs launch with --deepspeed zero3")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``firempo-train`` (``--help`` lists every key)."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -287,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         if "-h" in argv or "--help" in argv:
             RecipeParser().print_help()
             return 0
+        _refuse_fsdp_without_gpu()
         tokens = _accelerate_deepspeed_without_gpu(recipe_argv(argv))
         if _deepspeed_given(tokens) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             _single_process_group()

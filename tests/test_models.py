@@ -262,3 +262,19 @@ def test_peft_heads():
     lora_head = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     with pytest.raises(TypeError, match="LoRA on lm_head"):
         get_adapter(lora_head)
+
+
+def test_unwrap_model_sees_through_distributed_data_parallel(tmp_path):
+    """accelerate wraps the policy in DDP for a plain multi-process launch; the adapter must find the model."""
+    import torch.distributed as dist
+
+    from firempo_kernels.integrations.models import get_adapter, unwrap_model
+
+    model = tiny_model("llava")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        assert unwrap_model(wrapped) is model
+        assert type(get_adapter(wrapped)) is type(get_adapter(model))
+    finally:
+        dist.destroy_process_group()

@@ -110,3 +110,14 @@ def test_a_store_of_another_model_is_refused_by_name_and_kept(tmp_path, capsys, 
     assert not (tmp_path / "run" / "trainer_state.json").exists()
     assert firempo_train("run", 2, "--overwrite-reference-store") == 0
     assert {p.name: p.read_bytes() for p in store.iterdir()} != before
+
+
+def test_an_fsdp_launch_without_a_gpu_is_refused(monkeypatch, capsys):
+    """accelerate has no FSDP for CPU ranks: such a launch would train unsharded ranks without a word."""
+    from firempo_kernels.integrations import train
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    assert train.main(["--config", str(train.__file__)]) == 2  # refused before the recipe is read
+    err = capsys.readouterr().err
+    assert "FSDP runs on GPU ranks only" in err and err.count("firempo-train: error") == 1
