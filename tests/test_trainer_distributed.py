@@ -108,6 +108,24 @@ class Launches:
                 f"2-rank accelerate launch {name}")
         return self.root / name
 
+    def two_nodes(self, name: str) -> Path:
+        """Two node ranks of one process each on this machine, as two ``torchrun --nnodes 2`` launches meeting at
+        one rendezvous (what each node of a cluster runs, with the first node's address)."""
+        if name not in self.logs:
+            port = str(free_port())
+            procs = [subprocess.Popen(
+                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+                 "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port,
+                 "-m", "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1),
+                 "--deepspeed", str(self.ds_config)],
+                env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+            logs = [proc.communicate(timeout=600)[0] for proc in procs]
+            for node, (proc, log) in enumerate(zip(procs, logs)):
+                if proc.returncode != 0:
+                    pytest.fail(f"node rank {node} of the two-node launch {name} failed:\n{log[-6000:]}")
+            self.logs[name] = "\n".join(logs)
+        return self.root / name
+
     def plain(self, name: str, *extra: str) -> Path:
         if name not in self.logs:
             self.logs[name] = run(
@@ -170,6 +188,15 @@ def test_accelerate_launch_with_trls_zero3_config_equals_one_process(launches):
     assert "output head: whole on every rank (ZeRO-3" in launches.logs["accelerate"]  # ZeRO-3 ran
     assert_same_losses(accelerated, plain)
     assert_same_weights(accelerated, plain, "model.safetensors")
+
+
+def test_two_node_ranks_on_one_machine_equal_one_process(launches):
+    """``torchrun --nnodes 2 --node_rank 0|1`` launched twice, one process per node: ZeRO-3 across the two node
+    ranks trains as one process does (losses and final weights)."""
+    nodes, plain = launches.two_nodes("two_nodes"), launches.plain("plain")
+    assert_head_partitioned(launches.logs["two_nodes"])
+    assert_same_losses(nodes, plain)
+    assert_same_weights(nodes, plain, "model.safetensors")
 
 
 @pytest.mark.parametrize("family", ["gemma3", "paligemma2"])
