@@ -450,9 +450,10 @@ def _record_invocation(out: Path, timing: dict[str, Any]) -> list[dict[str, Any]
     """Appends one invocation's wall time to ``out/invocations.jsonl`` and returns every invocation's."""
     ledger = out / "invocations.jsonl"
     timing = {"finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), **timing}
-    past = ledger.read_text(encoding="utf-8") if ledger.is_file() else ""
-    write_whole(ledger, past + json.dumps(timing) + "\n")
-    return [json.loads(line) for line in (past + json.dumps(timing)).splitlines() if line.strip()]
+    past = ledger.read_text(encoding="utf-8").splitlines() if ledger.is_file() else []
+    timings = [json.loads(line) for line in past if line.strip()] + [timing]
+    write_whole(ledger, "".join(json.dumps(t) + "\n" for t in timings))
+    return timings
 
 
 def write_report(out: Path, cfg: AblationConfig, facts: dict[str, Any], table: dict[str, Any], png: Path,

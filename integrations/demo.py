@@ -222,15 +222,16 @@ def _mean(rows, name, part) -> float:
     return sum(chosen) / len(chosen)
 
 
+def _share_se(share: float, n: int) -> float:
+    """The standard error of a share of ``n`` records (nan without records)."""
+    return math.sqrt(max(share * (1 - share), 1e-12) / n) if n else math.nan
+
+
 def verdicts(base, trained) -> list[str]:
     """Paragraphs stating what moved on the held-out set and what did not (beyond ~2 standard errors)."""
     lines = []
-
-    def acc_se(r, n):
-        return math.sqrt(max(r * (1 - r), 1e-12) / n) if n else math.nan
-
     if base.closed:
-        se = math.hypot(acc_se(base.accuracy, base.closed), acc_se(trained.accuracy, trained.closed))
+        se = math.hypot(_share_se(base.accuracy, base.closed), _share_se(trained.accuracy, trained.closed))
         delta = trained.accuracy - base.accuracy
         moved = abs(delta) > 2 * se
         lines.append(
@@ -241,7 +242,7 @@ def verdicts(base, trained) -> list[str]:
         per_question = []
         for question, (right_b, n) in base.by_question.items():
             right_t, _ = trained.by_question.get(question, (0, n))
-            se_q = math.hypot(acc_se(right_b / n, n), acc_se(right_t / n, n))
+            se_q = math.hypot(_share_se(right_b / n, n), _share_se(right_t / n, n))
             d = (right_t - right_b) / n
             state = "improved" if d > 2 * se_q else "got worse" if d < -2 * se_q else "did not move beyond noise"
             per_question.append(f"- {question!r}: {right_b}/{n} -> {right_t}/{n}, {state}.")
@@ -278,8 +279,7 @@ def generated_verdict(base_answers, trained_answers, base, trained) -> str:
              if b.closed and kind in trained_answers.by_kind]
     text = (f"The models' own greedy answers: closed accuracy of the generated answer {overall}"
             + (f"; per kind: {', '.join(kinds)}" if kinds else "") + ".")
-    se = math.hypot(math.sqrt(max(base.accuracy * (1 - base.accuracy), 1e-12) / max(base.closed, 1)),
-                    math.sqrt(max(trained.accuracy * (1 - trained.accuracy), 1e-12) / max(trained.closed, 1)))
+    se = math.hypot(_share_se(base.accuracy, base.closed), _share_se(trained.accuracy, trained.closed))
     ranked_up = trained.accuracy - base.accuracy > 2 * se
     if ranked_up and (fell or trained_answers.overall.closed_accuracy <= base_answers.overall.closed_accuracy):
         text += (" The ranking of the candidates rose while the answers the model says did not: it ranks the right "
