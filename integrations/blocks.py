@@ -4,9 +4,10 @@ runs a request inside the forward of the module DeepSpeed wraps.
 Under DeepSpeed ZeRO-3 a partitioned ``lm_head.weight`` is whole only while the forward of the module that
 DeepSpeed wraps is running. So, like TRL's fused LM head, the policy's ``forward`` is patched once
 (:func:`add_firempo_forward`): ``model(firempo=request)`` runs ``request`` on the unwrapped Hugging Face model
-inside that forward, and every other call is the model's original forward, untouched. FSDP2 (``fully_shard``)
-holds the same way: the root's parameters, the head among them, are ``DTensor`` shards between forwards and
-whole inside the root's forward, where FSDP's own gather carries the gradient back through its reduce-scatter.
+inside that forward, and every other call is the model's original forward, untouched. Under FSDP2
+(``fully_shard``) the root's parameters are whole inside the root's forward; a head that FSDP2 shards as a unit
+of its own (accelerate's plugin does) is gathered there by :func:`gather_head_for_backward`, so that FSDP's
+reduce-scatter still carries its gradient.
 A request is either
 :class:`HiddenStatesRequest` (the reference passes) or :class:`LossRequest` (the policy passes, the head
 and the fused loss). peft and DeepSpeed wrappers pass the keyword through unchanged.
@@ -41,6 +42,7 @@ __all__ = [
     "add_firempo_forward",
     "call_with_request",
     "is_sharded_tensor",
+    "gather_head_for_backward",
 ]
 
 
@@ -122,14 +124,8 @@ class LossRequest:
         labels, span_weights, has_corrupted = block_targets(self.batch, self.corrupted)
         weight, bias = adapter.head(model)
         if is_sharded_tensor(weight) or is_sharded_tensor(bias):
-            # Gathering here (full_tensor) would give the right loss but a gradient that reaches the shard
-            # without FSDP's reduce-scatter: each rank would step on its own micro-batch's gradient alone.
-            raise RuntimeError(
-                f"{type(model).__name__}: the output head is still an FSDP shard (a DTensor) inside the forward, "
-                "so it is owned by an FSDP module that is not running; leave lm_head (and tied embeddings) in "
-                "the root's FSDP group, e.g. accelerate's TRANSFORMER_BASED_WRAP, which shards only the "
-                "decoder layers on their own"
-            )
+            gather_head_for_backward(model, weight)
+            weight, bias = adapter.head(model)
         ref_weight, ref_bias = self.reference_head if self.reference_head is not None else (None, None)
         if ref_weight is weight:
             ref_weight, ref_bias = None, None  # the loss then shares the head (and its bias) explicitly
@@ -137,6 +133,33 @@ class LossRequest:
             weight, hidden, self.reference, labels, span_weights, has_corrupted,
             ref_weight=ref_weight, bias=bias, ref_bias=ref_bias, num_examples_in_batch=self.num_examples_in_batch,
         )
+
+
+def gather_head_for_backward(model: nn.Module, weight: torch.Tensor) -> None:
+    """All-gather the FSDP2 module that holds the head ``weight`` (a ``DTensor`` shard here) into its whole
+    parameters, which the module then exposes.
+
+    accelerate's FSDP2 plugin shards ``lm_head`` (with the final norm where it finds one) as a unit of its own,
+    gathered by that unit's forward; the fused loss reads the weight without calling the module, so the
+    gather is made here, through FSDP's own ``unshard``. The gradient then lands on the gathered parameter
+    and FSDP's end-of-backward pass reduce-scatters it (averaged over ranks, as every other gradient) and
+    reshards the unit. A ``DTensor.full_tensor()`` instead would send the gradient to the shard summed over the
+    ranks, past FSDP's averaging: twice the update on two ranks.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    name = next((n for n, p in model.named_parameters() if p is weight), None)
+    if name is None:
+        raise RuntimeError(f"{type(model).__name__}: the output head's weight is not a parameter of the model")
+    owner = None
+    path = name.split(".")[:-1]
+    for depth in range(len(path) + 1):  # the deepest fully_shard-ed module above the weight owns it
+        module = model.get_submodule(".".join(path[:depth]))
+        if isinstance(module, FSDPModule):
+            owner = module
+    if owner is None:
+        raise RuntimeError(f"{type(model).__name__}: the output head is a DTensor that no FSDP2 module holds")
+    owner.unshard()
 
 
 def is_sharded_tensor(tensor: torch.Tensor | None) -> bool:
