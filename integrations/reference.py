@@ -52,13 +52,16 @@ Head = tuple[torch.Tensor, "torch.Tensor | None"]
 
 
 def is_peft_model(model: nn.Module) -> bool:
-    """Whether ``model`` (possibly DeepSpeed-wrapped) is a ``peft.PeftModel`` whose adapters can be switched off."""
-    model = getattr(model, "module", model) if type(model).__name__ == "DeepSpeedEngine" else model
+    """Whether ``model`` (possibly wrapped by DeepSpeed or DDP) is a ``peft.PeftModel`` whose adapters can be
+    switched off."""
+    model = _peft_model(model)
     return callable(getattr(model, "disable_adapter", None)) and callable(getattr(model, "get_base_model", None))
 
 
 def _peft_model(model: nn.Module) -> nn.Module:
-    return model.module if type(model).__name__ == "DeepSpeedEngine" else model
+    """``model`` without its DeepSpeed engine or DistributedDataParallel wrapper (the peft model, if any)."""
+    wrapped = type(model).__name__ == "DeepSpeedEngine" or isinstance(model, nn.parallel.DistributedDataParallel)
+    return model.module if wrapped else model
 
 
 @contextlib.contextmanager

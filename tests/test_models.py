@@ -265,10 +265,12 @@ def test_peft_heads():
 
 
 def test_unwrap_model_sees_through_distributed_data_parallel(tmp_path):
-    """accelerate wraps the policy in DDP for a plain multi-process launch; the adapter must find the model."""
+    """accelerate wraps the policy in DDP for a plain multi-process launch; the adapter must find the model,
+    and a LoRA policy's reference (its adapters off) the peft model."""
     import torch.distributed as dist
 
     from firempo_kernels.integrations.models import get_adapter, unwrap_model
+    from firempo_kernels.integrations.reference import AdaptersDisabledReference, is_peft_model
 
     model = tiny_model("llava")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
@@ -276,5 +278,11 @@ def test_unwrap_model_sees_through_distributed_data_parallel(tmp_path):
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
         assert unwrap_model(wrapped) is model
         assert type(get_adapter(wrapped)) is type(get_adapter(model))
+        import peft
+
+        lora = peft.get_peft_model(tiny_model("llava"), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+        wrapped_lora = torch.nn.parallel.DistributedDataParallel(lora)
+        assert is_peft_model(wrapped_lora) and not is_peft_model(wrapped)
+        assert AdaptersDisabledReference._check(wrapped_lora) is lora
     finally:
         dist.destroy_process_group()
