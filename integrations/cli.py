@@ -23,17 +23,19 @@ USER_ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError)
 
 
 def run_command(
-    prog: str, body: Callable[[], int], *, debug: bool, where: str = "", quiet: Callable[[], bool] | None = None,
+    prog: str, body: Callable[[], int], *, debug: bool | Callable[[], bool], where: str = "",
+    quiet: Callable[[], bool] | None = None,
     debug_flag: str = "--debug",
 ) -> int:
     """``body()``; a user error becomes ``prog: error: ...`` on stderr and exit code 2 (re-raised when
-    ``debug``). ``where`` (e.g. ``" (rank 1)"``) says which process of several failed; ``quiet()`` true means
+    ``debug``, or ``debug()`` when it is a callable: a value known only once the body has read its
+    configuration). ``where`` (e.g. ``" (rank 1)"``) says which process of several failed; ``quiet()`` true means
     another process reports this same error (the checks every rank makes alike), so this one only exits;
     ``debug_flag`` is the option that shows the traceback."""
     try:
         return body()
     except USER_ERRORS as e:
-        if debug:
+        if debug() if callable(debug) else debug:
             raise
         if quiet is not None and quiet():
             return 2

@@ -11,7 +11,7 @@ Two things differ from ``TrlParser.parse_args_and_config``, both so that a mista
 the file's values go through the same argument types as the command line (TRL sets them as defaults, which
 argparse never checks), and every unknown key and wrong value of the file and the command line is reported
 together, each by its key, as a :class:`RecipeError` (a ``ValueError``: ``firempo-train`` prints it and
-exits with code 2). ``deepspeed: zero3`` / ``zero3_offload`` name the DeepSpeed configs shipped beside this
+exits with code 2). ``deepspeed: zero1`` / ``zero2`` / ``zero3`` / ``zero3_offload`` name the DeepSpeed configs shipped beside this
 module.
 """
 
@@ -34,7 +34,7 @@ __all__ = ["FiReMPOScriptArguments", "RecipeError", "RecipeParser", "SHIPPED_DEE
            "recipe_argv", "OLD_KEYS"]
 
 CONFIGS = Path(__file__).parent / "configs"
-SHIPPED_DEEPSPEED_CONFIGS: tuple[str, ...] = ("zero3", "zero3_offload")
+SHIPPED_DEEPSPEED_CONFIGS: tuple[str, ...] = ("zero1", "zero2", "zero3", "zero3_offload")
 """DeepSpeed configs shipped in ``integrations/configs`` (``<name>.json``), named without a path."""
 
 
@@ -73,6 +73,8 @@ class FiReMPOScriptArguments:
     tiny_model: str | None = field(default=None, metadata={"help": "a tiny random model of this family (smoke "
                                                                    "runs); wins over model_name_or_path"})
     tiny_seed: int = field(default=0, metadata={"help": "the weights of the tiny model"})
+    tiny_tie_word_embeddings: bool = field(default=False, metadata={
+        "help": "the tiny model's head is its input embedding, as in Gemma-family checkpoints"})
     model_class: str = field(default="auto", metadata={"help": "a transformers class name, or auto"})
     reference_model_name_or_path: str | None = field(default=None, metadata={"help": "default: the policy's"})
     reference_tiny_seed: int | None = field(default=None, metadata={"help": "the weights of a tiny reference model "

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .cli import check_writable_dir, run_command
-from .recipe import FiReMPOScriptArguments, RecipeParser, recipe_argv
+from .recipe import SHIPPED_DEEPSPEED_CONFIGS, FiReMPOScriptArguments, RecipeParser, recipe_argv
 from .run_dir import check_new_run, record_run, resume_checkpoint, run_record
 
 __all__ = ["main", "build_trainer", "choose_attn_implementation", "head_placement"]
@@ -63,13 +63,14 @@ def choose_attn_implementation(requested: str | None, on_gpu: bool) -> tuple[str
 
 
 def _load_model(name_or_path: str | None, tiny: str | None, seed: int, model_class: str, dtype, attn: str,
-                trust_remote_code: bool):
+                trust_remote_code: bool, tie_tiny: bool = False):
     import transformers
 
     from .smoke import tiny_model
 
     if tiny:
-        return tiny_model(tiny, seed=seed, dtype=torch.float32 if dtype == "auto" else dtype, attn_implementation=attn)
+        return tiny_model(tiny, seed=seed, dtype=torch.float32 if dtype == "auto" else dtype, attn_implementation=attn,
+                          tie_word_embeddings=tie_tiny)
     if not name_or_path:
         raise ValueError("model_name_or_path: required (or tiny_model for a tiny random model); neither is set")
     kwargs = {"dtype": dtype, "attn_implementation": attn, "trust_remote_code": trust_remote_code}
@@ -153,10 +154,16 @@ def _dataset(script: FiReMPOScriptArguments, processor, model_config):
 
 
 def head_placement(model: torch.nn.Module) -> str:
-    """How the output head is held: whole, or partitioned by ZeRO-3 (and then how much of it this rank keeps)."""
+    """How the output head is held: whole, partitioned by ZeRO-3 or sharded by FSDP2 (and then how much of it this
+    rank keeps)."""
     from .models import get_adapter, unwrap_model
 
+    from .blocks import is_sharded_tensor
+
     weight, _ = get_adapter(model).head(unwrap_model(model))
+    if is_sharded_tensor(weight):
+        return (f"sharded by FSDP2 over {weight.device_mesh.size()} rank(s): this rank holds "
+                f"{weight.to_local().numel()} of {weight.numel()} values; gathered for the loss inside the forward")
     if not hasattr(weight, "ds_id"):
         return "whole on every rank (no ZeRO-3)"
     if getattr(weight, "ds_persist", False):
@@ -164,6 +171,24 @@ def head_placement(model: torch.nn.Module) -> str:
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     return (f"partitioned by ZeRO-3 over {world} rank(s): this rank holds {weight.ds_tensor.numel()} of "
             f"{weight.ds_numel} values; gathered inside the policy's forward")
+
+
+def engine(trainer) -> str:
+    """The engine that runs ``trainer`` as accelerate set it up: DeepSpeed's ZeRO stage (and offload), FSDP's
+    version, DDP or one process, with the number of ranks."""
+    state = trainer.accelerator.state
+    if trainer.is_deepspeed_enabled:
+        zero = state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        offload = any(zero.get(part, {}).get("device", "none") not in (None, "none")
+                      for part in ("offload_param", "offload_optimizer"))
+        name = f"DeepSpeed ZeRO-{zero.get('stage', 0)}" + (" with offload" if offload else "")
+    elif trainer.is_fsdp_enabled:
+        name = f"FSDP{state.fsdp_plugin.fsdp_version}"
+    elif state.num_processes > 1:
+        name = "DDP"
+    else:
+        return "one process"
+    return f"{name} over {state.num_processes} ranks"
 
 
 def _head_placement_callback(log):
@@ -191,7 +216,7 @@ def build_trainer(script: FiReMPOScriptArguments, args, model_args, *, log=print
     log(f"attention: {attn} ({why}); model dtype: {str(dtype or 'auto').removeprefix('torch.')}")
     torch.manual_seed(args.seed)
     load = dict(model_class=script.model_class, dtype=dtype or "auto", attn=attn,
-                trust_remote_code=args.trust_remote_code)
+                trust_remote_code=args.trust_remote_code, tie_tiny=script.tiny_tie_word_embeddings)
     policy = _load_model(model_args.model_name_or_path, script.tiny_model, script.tiny_seed, **load)
     _freeze(policy, script.freeze_vision, script.train_lm_head and not model_args.use_peft)
     ref_model = None
@@ -256,29 +281,37 @@ def _accelerate_deepspeed_without_gpu(tokens: list[str]) -> list[str]:
     config = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if not config:
         stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
-        if stage != "3":
-            raise ValueError(f"accelerate launch: ZeRO stage {stage or '(none)'} without a GPU; firempo-train runs "
-                             "DeepSpeed on CPUs with ZeRO-3 only (TRL's zero3.yaml, or --deepspeed zero3)")
-        offload = os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none") not in ("", "none")
-        config = "zero3_offload" if offload else "zero3"
+        offload = any(os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{what}_DEVICE", "none") not in ("", "none")
+                      for what in ("PARAM", "OPTIMIZER"))
+        config = f"zero{stage}" + ("_offload" if offload else "")
+        if config not in SHIPPED_DEEPSPEED_CONFIGS:
+            raise ValueError(f"accelerate launch: ZeRO stage {stage or '(none)'}{' with offload' if offload else ''} "
+                             "without a GPU; firempo-train runs DeepSpeed on CPUs as one of the shipped configs "
+                             f"{', '.join(SHIPPED_DEEPSPEED_CONFIGS)} (integrations/configs/accelerate/<name>.yaml), "
+                             "or a launch's deepspeed_config_file")
     # The launch's settings now live in that config; accelerate refuses a config beside its own variables.
     for key in [k for k in os.environ if k.startswith("ACCELERATE_DEEPSPEED_") or k == "ACCELERATE_CONFIG_DS_FIELDS"]:
         del os.environ[key]
     return recipe_argv(["--deepspeed", config]) + tokens
 
 
-def _refuse_fsdp_without_gpu() -> None:
-    """accelerate applies its FSDP plugin to GPU ranks only: on CPUs an FSDP launch would train as plain DDP
-    or as processes that each train alone, without a word."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available():
-        raise ValueError("accelerate launch: FSDP runs on GPU ranks only (accelerate has no FSDP on CPUs, where "
-                         "the ranks would not be sharded); on CPUs launch with --deepspeed zero3")
+def _traceback_asked(argv: list[str]) -> bool:
+    """Whether the command line asks for the traceback: ``--traceback`` alone or followed by a true value,
+    ``--traceback=<true value>``; the last one counts."""
+    true, false = ("true", "1", "yes", "t", "y"), ("false", "0", "no", "f", "n")
+    asked = False
+    for i, token in enumerate(argv):
+        if token == "--traceback":
+            asked = not (i + 1 < len(argv) and argv[i + 1].lower() in false)
+        elif token.startswith("--traceback="):
+            asked = token.partition("=")[2].lower() in true
+    return asked
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``firempo-train`` (``--help`` lists every key)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = any(a == "--traceback" or a.startswith("--traceback=") for a in argv)
+    traceback = {"on": _traceback_asked(argv)}  # the recipe's own value replaces it once the recipe is read
     rank = int(os.environ.get("RANK", "0"))
     # transformers and accelerate record DeepSpeed in the environment (ACCELERATE_USE_DEEPSPEED, ...) and so
     # does the one-rank group below: an in-process caller gets its environment back as it was.
@@ -295,7 +328,6 @@ def main(argv: list[str] | None = None) -> int:
         if "-h" in argv or "--help" in argv:
             RecipeParser().print_help()
             return 0
-        _refuse_fsdp_without_gpu()
         tokens = _accelerate_deepspeed_without_gpu(recipe_argv(argv))
         if _deepspeed_given(tokens) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             _single_process_group()
@@ -305,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             # deepspeed.zero.Init, which sizes its partitions by the process group it finds.
             deepspeed.init_distributed(verbose=False)
         script, args, model_args = RecipeParser().parse_args_into_dataclasses(args=tokens)
+        traceback["on"] = script.traceback
         record = run_record(script, args, model_args)
         if not script.precompute_reference:
             check_writable_dir(args.output_dir, "output_dir")
@@ -314,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
             args.resume_from_checkpoint, args.output_dir, record, log)
         started = True
         trainer = build_trainer(script, args, model_args, log=log)
+        log(f"engine: {engine(trainer)}")
         if script.precompute_reference:
             log(f"precomputed reference written to {trainer.precomputed_reference_dir}")
             finished = True
@@ -333,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         # Every rank that fails says so: an error on one rank only (its data shard, its device) must not be lost.
-        return run_command("firempo-train", body, debug=debug, where=f" (rank {rank})" if rank else "",
-                           quiet=lambda: rank != 0 and not started, debug_flag="--traceback")
+        return run_command("firempo-train", body, debug=lambda: traceback["on"],
+                           where=f" (rank {rank})" if rank else "", quiet=lambda: rank != 0 and not started,
+                           debug_flag="--traceback")
     finally:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

@@ -26,6 +26,7 @@ TRL's metric names (``rewards/*``, ``logps/*``) and ours (``kl/forward``, ``kl/r
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -317,6 +318,42 @@ def _has_column(dataset: Any, name: str) -> bool:
     return name in (getattr(dataset, "column_names", None) or [])
 
 
+def _fsdp_on_cpu_ranks(accelerator: Any) -> None:
+    """Turn on the FSDP plugin of an ``accelerate launch`` with an FSDP config on CPU ranks.
+
+    accelerate's process state applies the FSDP plugin to GPU-type ranks only: CPU ranks launched with
+    ``fsdp2.yaml`` would come up as plain DDP, unsharded, without a word. Setting the plugin and the
+    distributed type as accelerate does for GPU ranks runs its own FSDP2 code on CPU ranks (gloo): the
+    sharding in ``prepare``, the gathered state dict on save, the sharded checkpoints on resume. Both states
+    are set because accelerate copies the process state's type into every ``AcceleratorState()`` it creates.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    if (os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true"
+            or state.distributed_type != DistributedType.MULTI_CPU):
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* variables, as accelerate builds it
+    if state.mixed_precision != "no":
+        plugin.set_mixed_precision(state.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _wrap_only_layers_present(plugin: Any, model: nn.Module) -> None:
+    """Transformer-layer wrap without named classes takes every class of the model's ``_no_split_modules``,
+    and accelerate stops at one the model lacks: vision-language classes name their towers' text-side
+    classes too (Gemma 3, PaliGemma and Llava list ``SiglipTextEmbeddings`` / ``CLIPTextEmbeddings``, which
+    only the vision tower's sibling text model has). The classes are then those of the list that the model
+    holds; classes a launch names are left as they are."""
+    if plugin.transformer_cls_names_to_wrap is not None or "transformer" not in str(plugin.auto_wrap_policy):
+        return
+    listed = getattr(unwrap_model(model), "_no_split_modules", None) or []
+    present = {type(module).__name__ for module in model.modules()}
+    plugin.transformer_cls_names_to_wrap = sorted(name for name in listed if name in present) or None
+
+
 class FiReMPOTrainer(DPOTrainer):
     """TRL's ``DPOTrainer`` computing the FiRe-MPO loss (or a preset of it) with the fused kernels.
 
@@ -396,6 +433,13 @@ class FiReMPOTrainer(DPOTrainer):
                                for dataset in (part.values() if isinstance(part, Mapping) else [part])])
             self.ref_model = None  # a reference model only served the reference pass
         self.reference: Reference = self._build_reference()
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        _fsdp_on_cpu_ranks(self.accelerator)
+        self.is_fsdp_enabled = getattr(self.accelerator.state, "fsdp_plugin", None) is not None
+        if self.is_fsdp_enabled:
+            _wrap_only_layers_present(self.accelerator.state.fsdp_plugin, self.model)
 
     # -- reference ------------------------------------------------------------------------------------
 
@@ -541,6 +585,20 @@ class FiReMPOTrainer(DPOTrainer):
             value = column.sum() if name == "span_tokens" else column.nanmean()
             if torch.isfinite(value):
                 self._firempo_metrics[mode][name].append(float(value))
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # transformers writes a checkpoint's weights in the checkpoint layout that from_pretrained converts from
+        # (Qwen2-VL's ``model.layers.*`` for ``model.language_model.layers.*``, ...) but resumes by reading them
+        # back with a plain non-strict load_state_dict: every converted key is missed with a warning and a
+        # one-process or DDP run resumes from its starting weights. Checkpoints are therefore written in the
+        # model's own layout (from_pretrained reads both); the final model keeps the checkpoint layout.
+        unwrapped = unwrap_model(self.model)
+        unwrapped.save_pretrained = functools.partial(type(unwrapped).save_pretrained, unwrapped,
+                                                      save_original_format=False)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            del unwrapped.save_pretrained
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"

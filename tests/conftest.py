@@ -37,6 +37,8 @@ def pytest_report_header(config):
 def pytest_configure(config):
     config.addinivalue_line("markers", "interpreter: runs the Triton kernels on CPU tensors (skipped where the "
                                        "interpreter is off)")
+    config.addinivalue_line("markers", "slow: multi-rank launches, tens of seconds each; CI runs them too "
+                                       "(-m 'not slow' leaves them out of a quick local run)")
 
 
 def pytest_runtest_setup(item):

@@ -28,3 +28,21 @@ def test_readme_family_table_is_the_generated_one():
         blocks.append(text[text.index(begin) : text.index(end)])
     assert blocks[0] == blocks[1]
     assert "| `gemma3` | Gemma3ForConditionalGeneration" in blocks[0]
+
+
+def test_readme_engine_table_is_the_generated_one_and_names_existing_tests():
+    """The engine table is test_engines.table(); each of its marks is a test that exists, parameter and all."""
+    import ast
+
+    from test_engines import ENGINES, TABLE, table
+
+    text = README.read_text(encoding="utf-8")
+    begin, end = "<!-- engines-table:begin -->\n", "\n<!-- engines-table:end -->"
+    assert text[text.index(begin) + len(begin) : text.index(end)] == table()
+    for cells in TABLE.values():
+        for test in filter(None, cells.values()):
+            module, _, name = test.partition("::")
+            function, _, param = name.partition("[")
+            tree = ast.parse((README.parent / "tests" / module).read_text(encoding="utf-8"))
+            assert function in {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}, test
+            assert not param or param.rstrip("]") in ENGINES, test

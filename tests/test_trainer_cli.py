@@ -112,12 +112,22 @@ def test_a_store_of_another_model_is_refused_by_name_and_kept(tmp_path, capsys, 
     assert {p.name: p.read_bytes() for p in store.iterdir()} != before
 
 
-def test_an_fsdp_launch_without_a_gpu_is_refused(monkeypatch, capsys):
-    """accelerate has no FSDP for CPU ranks: such a launch would train unsharded ranks without a word."""
-    from firempo_kernels.integrations import train
-
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
-    assert train.main(["--config", str(train.__file__)]) == 2  # refused before the recipe is read
-    err = capsys.readouterr().err
-    assert "FSDP runs on GPU ranks only" in err and err.count("firempo-train: error") == 1
+@pytest.mark.parametrize("recipe_says, command_line, shown", [
+    (None, [], False), (None, ["--traceback"], True), (None, ["--traceback", "false"], False),
+    (None, ["--traceback=true"], True), ("true", [], True), ("true", ["--traceback", "false"], False),
+    ("false", ["--traceback", "true"], True),
+])
+def test_the_traceback_is_shown_as_recipe_and_command_line_say(tmp_path, capsys, recipe_says, command_line, shown):
+    """The command line wins over the recipe, as for every key; a user error is otherwise one message, exit 2."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(SMOKE.read_text() + (f"\ntraceback: {recipe_says}\n" if recipe_says else ""))
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    argv = ["--config", str(recipe), "--output_dir", str(blocked / "run"), *command_line]
+    if shown:
+        with pytest.raises(ValueError, match="output_dir"):
+            train.main(argv)
+    else:
+        assert train.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("firempo-train: error") == 1 and "output_dir" in err

@@ -34,8 +34,10 @@ from safetensors.torch import load_file
 
 from firempo_kernels.integrations import train
 
+pytestmark = pytest.mark.slow  # multi-rank launches, tens of seconds each
 SMOKE = Path(train.__file__).parent / "configs" / "smoke.yaml"
 ZERO3 = Path(train.__file__).parent / "configs" / "zero3.json"
+ACCELERATE_CONFIGS = Path(train.__file__).parent / "configs" / "accelerate"
 RTOL = 1e-5
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
 LORA = ["--use_peft", "--lora_r", "4", "--lora_dropout", "0.0", "--train_lm_head", "false",
@@ -85,24 +87,27 @@ class Launches:
         self.ds_config.write_text(json.dumps(config))
 
     def zero3(self, name: str, *extra: str) -> Path:
+        """The DeepSpeed launcher with ZeRO-3 partitioning every tensor, the head included."""
+        return self.deepspeed(name, self.ds_config, *extra)
+
+    def deepspeed(self, name: str, config: Path, *extra: str) -> Path:
         if name not in self.logs:
             launcher = Path(sys.executable).with_name("deepspeed")
             cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
             self.logs[name] = run(
                 cmd + ["--num_gpus", "2", "--master_port", str(free_port()), "--module",
                        "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1), *extra,
-                       "--deepspeed", str(self.ds_config)],
+                       "--deepspeed", str(config)],
                 f"2-rank deepspeed launch {name}")
         return self.root / name
 
-    def accelerate(self, name: str, *extra: str) -> Path:
-        """``accelerate launch`` with TRL's own ZeRO-3 accelerate config, on 2 ranks and without mixed precision."""
-        import trl
-
-        config = Path(trl.__file__).parent / "accelerate_configs" / "zero3.yaml"
+    def accelerate(self, name: str, config: str | Path, *extra: str) -> Path:
+        """``accelerate launch --config_file config`` (a shipped config's name, or a path) on 2 ranks without
+        mixed precision."""
         if name not in self.logs:
+            path = ACCELERATE_CONFIGS / f"{config}.yaml" if isinstance(config, str) else config
             self.logs[name] = run(
-                [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(config),
+                [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(path),
                  "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
                  "-m", "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1), *extra],
                 f"2-rank accelerate launch {name}")
@@ -181,13 +186,17 @@ def test_zero3_two_ranks_equal_one_process_without_deepspeed(launches):
         assert row[key] == pytest.approx(plain_row[key], rel=1e-4, abs=1e-6), key
 
 
-def test_accelerate_launch_with_trls_zero3_config_equals_one_process(launches):
-    """A TRL recipe launched the TRL way: ``accelerate launch --config_file trl/accelerate_configs/zero3.yaml``
-    on two CPU ranks trains as one process does (losses and final weights)."""
-    accelerated, plain = launches.accelerate("accelerate"), launches.plain("plain")
-    assert "output head: whole on every rank (ZeRO-3" in launches.logs["accelerate"]  # ZeRO-3 ran
-    assert_same_losses(accelerated, plain)
-    assert_same_weights(accelerated, plain, "model.safetensors")
+@pytest.mark.parametrize("config", ["zero1", "zero2", "zero3_offload"])
+def test_the_deepspeed_launcher_with_each_shipped_config_equals_one_process(launches, config):
+    """``deepspeed --num_gpus 2 ... --deepspeed zero1|zero2|zero3_offload``: the other shipped DeepSpeed configs
+    (ZeRO-3 itself is the partition-everything run above)."""
+    path = Path(train.__file__).parent / "configs" / f"{config}.json"
+    run, plain = launches.deepspeed(f"ds_{config}", path), launches.plain("plain")
+    stage = config[4]
+    assert f"engine: DeepSpeed ZeRO-{stage}{' with offload' if 'offload' in config else ''} over 2 ranks" \
+        in launches.logs[f"ds_{config}"]
+    assert_same_losses(run, plain)
+    assert_same_weights(run, plain, "model.safetensors")
 
 
 def test_two_node_ranks_on_one_machine_equal_one_process(launches):
