@@ -156,9 +156,8 @@ def _dataset(script: FiReMPOScriptArguments, processor, model_config):
 def head_placement(model: torch.nn.Module) -> str:
     """How the output head is held: whole, partitioned by ZeRO-3 or sharded by FSDP2 (and then how much of it this
     rank keeps)."""
-    from .models import get_adapter, unwrap_model
-
     from .blocks import is_sharded_tensor
+    from .models import get_adapter, unwrap_model
 
     weight, _ = get_adapter(model).head(unwrap_model(model))
     if is_sharded_tensor(weight):

@@ -591,7 +591,7 @@ class FiReMPOTrainer(DPOTrainer):
         # (Qwen2-VL's ``model.layers.*`` for ``model.language_model.layers.*``, ...) but resumes by reading them
         # back with a plain non-strict load_state_dict: every converted key is missed with a warning and a
         # one-process or DDP run resumes from its starting weights. Checkpoints are therefore written in the
-        # model's own layout (from_pretrained reads both); the final model keeps the checkpoint layout.
+        # model's own layout (from_pretrained reads both); the final model keeps transformers' checkpoint layout.
         unwrapped = unwrap_model(self.model)
         unwrapped.save_pretrained = functools.partial(type(unwrapped).save_pretrained, unwrapped,
                                                       save_original_format=False)

@@ -240,6 +240,19 @@ def test_zero3_resume_from_a_checkpoint_equals_the_uninterrupted_run(launches):
     assert_same_weights(resumed, uninterrupted, "model.safetensors", rel=0)
 
 
+def test_zero3_precomputed_reference_built_by_the_launch_equals_the_live_one(launches):
+    """The launch builds the store with the reference model partitioned (each rank its share of the examples),
+    then trains from it."""
+    store = launches.root / "zero3_store"
+    run = launches.zero3("zero3_precomputed", "--reference_mode", "precomputed",
+                         "--precomputed_reference_dir", str(store))
+    plain = launches.plain("plain")
+    assert "reference: precomputed" in launches.logs["zero3_precomputed"] and any(store.iterdir())
+    assert_head_partitioned(launches.logs["zero3_precomputed"])
+    assert_same_losses(run, plain)
+    assert_same_weights(run, plain, "model.safetensors")
+
+
 def test_a_recipe_error_on_two_ranks_is_one_message_without_traceback(launches):
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
