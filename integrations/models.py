@@ -42,6 +42,7 @@ __all__ = [
     "register_adapter",
     "get_adapter",
     "unwrap_model",
+    "without_engine",
     "registered_adapters",
 ]
 
@@ -68,6 +69,13 @@ def registered_adapters() -> dict[str, str]:
     return {k: v.__name__ for k, v in sorted(_REGISTRY.items())}
 
 
+def without_engine(model: nn.Module) -> nn.Module:
+    """``model`` without the DeepSpeed engine or DistributedDataParallel wrapper around it, if any (a peft
+    model inside stays a peft model)."""
+    wrapped = type(model).__name__ == "DeepSpeedEngine" or isinstance(model, nn.parallel.DistributedDataParallel)
+    return model.module if wrapped else model
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside ``peft`` (PeftModel), DeepSpeed engine and DistributedDataParallel
     wrappers."""
@@ -76,8 +84,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         seen += 1
         if hasattr(model, "get_base_model") and callable(model.get_base_model):  # peft.PeftModel
             model = model.get_base_model()
-        elif type(model).__name__ == "DeepSpeedEngine" or isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
+        elif (inner := without_engine(model)) is not model:
+            model = inner
         else:
             return model
     return model

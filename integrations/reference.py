@@ -28,7 +28,7 @@ from torch import nn
 from firempo_kernels.precomputed_reference import PrecomputedReference
 
 from .blocks import HiddenStatesRequest, call_with_request, is_sharded_tensor
-from .models import get_adapter, unwrap_model
+from .models import get_adapter, unwrap_model, without_engine
 
 if TYPE_CHECKING:
     from .batch import PreferenceBatch
@@ -54,14 +54,8 @@ Head = tuple[torch.Tensor, "torch.Tensor | None"]
 def is_peft_model(model: nn.Module) -> bool:
     """Whether ``model`` (possibly wrapped by DeepSpeed or DDP) is a ``peft.PeftModel`` whose adapters can be
     switched off."""
-    model = _peft_model(model)
+    model = without_engine(model)
     return callable(getattr(model, "disable_adapter", None)) and callable(getattr(model, "get_base_model", None))
-
-
-def _peft_model(model: nn.Module) -> nn.Module:
-    """``model`` without its DeepSpeed engine or DistributedDataParallel wrapper (the peft model, if any)."""
-    wrapped = type(model).__name__ == "DeepSpeedEngine" or isinstance(model, nn.parallel.DistributedDataParallel)
-    return model.module if wrapped else model
 
 
 @contextlib.contextmanager
@@ -176,9 +170,9 @@ class AdaptersDisabledReference(Reference):
         if not is_peft_model(policy):
             raise TypeError(
                 f"reference={ADAPTERS_DISABLED!r} needs a peft model whose adapters can be disabled; got "
-                f"{type(_peft_model(policy)).__name__}. Pass a separate reference model or a precomputed reference."
+                f"{type(without_engine(policy)).__name__}. Pass a separate reference model or a precomputed reference."
             )
-        return _peft_model(policy)
+        return without_engine(policy)
 
     @contextlib.contextmanager
     def reference_weights(self, policy: nn.Module) -> Iterator[None]:
