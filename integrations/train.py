@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
             # Before the training arguments and any model: under ZeRO-3 transformers builds models inside
             # deepspeed.zero.Init, which sizes its partitions by the process group it finds.
             deepspeed.init_distributed(verbose=False)
+            from .trl import release_deepspeed_shared_memory
+
+            release_deepspeed_shared_memory()  # now, so that a run stopped by its arguments leaves none behind
         script, args, model_args = RecipeParser().parse_args_into_dataclasses(args=tokens)
         traceback["on"] = script.traceback
         record = run_record(script, args, model_args)

@@ -341,6 +341,28 @@ def _fsdp_on_cpu_ranks(accelerator: Any) -> None:
     state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
+def release_deepspeed_shared_memory() -> None:
+    """Unlink this rank's DeepSpeed all-reduce buffer from ``/dev/shm`` once every rank has mapped its peers'.
+
+    When all ranks of a DeepSpeed launch share one machine, DeepSpeed's communication backend creates a
+    shared-memory file per rank (66 MB, named after the rendezvous address, port and rank) for its inference
+    all-reduce, maps its peers' files, and never unlinks its own: every launch left ranks x 66 MB of RAM behind
+    in ``/dev/shm`` for as long as the machine runs, and a machine that runs many launches (a test suite,
+    repeated demos, a sweep) runs out of memory. A name only serves the peers' opening the file while the
+    backend starts, which the barrier waits out; the mappings outlive the name, and the memory goes back when
+    the last rank exits. ``firempo-train`` calls it right after ``deepspeed.init_distributed``; a script of
+    one's own launched by the ``deepspeed`` launcher on CPU ranks calls it there too. Every rank must call it
+    (the barrier); calling it again, or without DeepSpeed, does nothing else.
+    """
+    if not torch.distributed.is_initialized():
+        return
+    name = "_".join(("deepspeed_allreduce_buffer", str(os.getuid()), os.environ.get("MASTER_ADDR", ""),
+                     os.environ.get("MASTER_PORT", ""), str(torch.distributed.get_rank())))
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.barrier()
+    Path("/dev/shm", name).unlink(missing_ok=True)
+
+
 def _wrap_only_layers_present(plugin: Any, model: nn.Module) -> None:
     """Transformer-layer wrap without named classes takes every class of the model's ``_no_split_modules``,
     and accelerate stops at one the model lacks: vision-language classes name their towers' text-side

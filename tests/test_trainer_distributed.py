@@ -21,11 +21,14 @@ near-cancelling LoRA entry) becomes a full step whose size depends on the summat
 Adam, not of the distribution. A resumed run repeats the uninterrupted one's arithmetic exactly.
 """
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -50,6 +53,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def deepspeed_launcher() -> list[str]:
+    launcher = Path(sys.executable).with_name("deepspeed")
+    return [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
 def environment():
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env.setdefault("TORCH_EXTENSIONS_DIR", "/tmp/firempo_torch_extensions")  # DeepSpeed's one-off op build
@@ -69,11 +77,56 @@ def overrides(out: Path, seed: int, micro: int) -> list[str]:
     ]
 
 
-def run(cmd, what) -> str:
-    proc = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"{what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc.stdout + proc.stderr
+# A launch takes 20-90 s on two cores shared with another test worker; a hung one must not hold the suite.
+LAUNCH_TIMEOUT_S = 480
+
+
+def launch(commands: list[list[str]], what: str, port: int | None, timeout: float = LAUNCH_TIMEOUT_S) -> list[tuple[int, str]]:
+    """Run ``commands`` side by side (one launch, or the node ranks of one) and return each one's exit code and
+    output (stdout and stderr together).
+
+    Each command runs in a session of its own: past ``timeout`` the launcher is killed with every rank it started,
+    since a rank left waiting on a dead peer would hold memory and a core for the rest of the suite, and the
+    test fails. A DeepSpeed all-reduce buffer that the launch left in ``/dev/shm`` (named after its rendezvous
+    ``port``) fails the test too: each is 66 MB of memory until the machine restarts.
+    """
+    procs = [subprocess.Popen(cmd, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for cmd in commands]
+    deadline = time.monotonic() + timeout
+    outputs = None
+    try:
+        outputs = [proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for proc in procs]
+    except subprocess.TimeoutExpired:
+        pass
+    finally:  # whatever ended the wait (its end, the timeout, the test's own timeout), no rank outlives it
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    if outputs is None:
+        tails = [proc.communicate(timeout=30)[0] or "" for proc in procs]
+        _shm_left_by(port)
+        pytest.fail(f"{what} ran past {timeout:.0f} s and was stopped with its ranks:\n"
+                    + "\n".join(tail[-4000:] for tail in tails))
+    left = _shm_left_by(port)
+    assert not left, f"{what} left DeepSpeed all-reduce buffers in /dev/shm: {left}"
+    return [(proc.returncode, output) for proc, output in zip(procs, outputs)]
+
+
+def _shm_left_by(port: int | None) -> list[str]:
+    """Remove the DeepSpeed all-reduce buffers of the launch that met at ``port``, and name them."""
+    if port is None:
+        return []
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+    for path in left:
+        path.unlink(missing_ok=True)
+    return [path.name for path in left]
+
+
+def run(cmd: list[str], what: str, port: int | None) -> str:
+    [(code, output)] = launch([cmd], what, port)
+    if code != 0:
+        pytest.fail(f"{what} failed:\n{output[-9000:]}")
+    return output
 
 
 class Launches:
@@ -92,13 +145,12 @@ class Launches:
 
     def deepspeed(self, name: str, config: Path, *extra: str) -> Path:
         if name not in self.logs:
-            launcher = Path(sys.executable).with_name("deepspeed")
-            cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+            port = free_port()
             self.logs[name] = run(
-                cmd + ["--num_gpus", "2", "--master_port", str(free_port()), "--module",
-                       "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1), *extra,
-                       "--deepspeed", str(config)],
-                f"2-rank deepspeed launch {name}")
+                deepspeed_launcher() + ["--num_gpus", "2", "--master_port", str(port), "--module",
+                                        "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1),
+                                        *extra, "--deepspeed", str(config)],
+                f"2-rank deepspeed launch {name}", port)
         return self.root / name
 
     def accelerate(self, name: str, config: str | Path, *extra: str) -> Path:
@@ -106,28 +158,28 @@ class Launches:
         mixed precision."""
         if name not in self.logs:
             path = ACCELERATE_CONFIGS / f"{config}.yaml" if isinstance(config, str) else config
+            port = free_port()
             self.logs[name] = run(
                 [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(path),
-                 "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+                 "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
                  "-m", "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1), *extra],
-                f"2-rank accelerate launch {name}")
+                f"2-rank accelerate launch {name}", port)
         return self.root / name
 
     def two_nodes(self, name: str) -> Path:
         """Two node ranks of one process each on this machine, as two ``torchrun --nnodes 2`` launches meeting at
         one rendezvous (what each node of a cluster runs, with the first node's address)."""
         if name not in self.logs:
-            port = str(free_port())
-            procs = [subprocess.Popen(
+            port = free_port()
+            results = launch([
                 [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                 "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port,
+                 "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
                  "-m", "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1),
-                 "--deepspeed", str(self.ds_config)],
-                env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-            logs = [proc.communicate(timeout=600)[0] for proc in procs]
-            for node, (proc, log) in enumerate(zip(procs, logs)):
-                if proc.returncode != 0:
+                 "--deepspeed", str(self.ds_config)] for node in (0, 1)], f"the two-node launch {name}", port)
+            for node, (code, log) in enumerate(results):
+                if code != 0:
                     pytest.fail(f"node rank {node} of the two-node launch {name} failed:\n{log[-6000:]}")
+            logs = [log for _, log in results]
             self.logs[name] = "\n".join(logs)
         return self.root / name
 
@@ -136,7 +188,7 @@ class Launches:
             self.logs[name] = run(
                 [sys.executable, "-m", "firempo_kernels.integrations.train",
                  *overrides(self.root / name, self.seed, 2), *extra, "--shared_prefix", "false"],
-                f"one-process run {name}")
+                f"one-process run {name}", port=None)
         return self.root / name
 
 
@@ -254,13 +306,27 @@ def test_zero3_precomputed_reference_built_by_the_launch_equals_the_live_one(lau
 
 
 def test_a_recipe_error_on_two_ranks_is_one_message_without_traceback(launches):
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    proc = subprocess.run(
-        cmd + ["--num_gpus", "2", "--master_port", str(free_port()), "--module", "firempo_kernels.integrations.train",
-               "--config", str(SMOKE), "--use_peft", "banana", "--output_dir", str(launches.root / "bad")],
-        env=environment(), capture_output=True, text=True, timeout=600)
-    text = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    port = free_port()
+    [(code, text)] = launch(
+        [deepspeed_launcher() + ["--num_gpus", "2", "--master_port", str(port), "--module",
+                                 "firempo_kernels.integrations.train", "--config", str(SMOKE), "--use_peft", "banana",
+                                 "--output_dir", str(launches.root / "bad")]], "a launch with a bad recipe", port)
+    assert code != 0
     assert text.count("firempo-train: error") == 1 and "use_peft: expected true or false" in text, text[-3000:]
     assert "Traceback" not in text
+
+
+def test_a_launch_past_its_time_is_stopped_with_every_process_it_started(tmp_path):
+    """A hung rank must not outlive its test: the launcher and the ranks it started go together."""
+    pid_file = tmp_path / "rank.pid"
+    launcher = ("import subprocess, sys, time; rank = subprocess.Popen([sys.executable, '-c', 'import time; "
+                f"time.sleep(300)']); open({str(pid_file)!r}, 'w').write(str(rank.pid)); time.sleep(300)")
+    with pytest.raises(pytest.fail.Exception, match="ran past 5 s"):
+        launch([[sys.executable, "-c", launcher]], "a hung launch", None, timeout=5)
+    rank = Path("/proc", pid_file.read_text())
+    for _ in range(50):  # a killed process lingers until its parent reaps it
+        if not rank.exists() or "State:\tZ" in (rank / "status").read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the rank {rank.name} still runs")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import pytest
 import torch
 
 from firempo_kernels import integrations
-from test_trainer_distributed import RTOL, environment, free_port
+from test_trainer_distributed import RTOL, free_port, launch
 
 pytestmark = pytest.mark.slow  # multi-rank launches, tens of seconds each
 FSDP2_CONFIG = Path(integrations.__file__).parent / "configs" / "accelerate" / "fsdp2.yaml"
@@ -130,18 +129,15 @@ def _worker(out: Path, seed: int, variant: str) -> None:
         dist.destroy_process_group()
 
 
-def _launch(out: Path, seed: int, variant: str, ranks: int) -> subprocess.CompletedProcess:
-    script = [__file__, "--out", str(out), "--seed", str(seed), "--variant", variant]
-    cmd = [sys.executable, *script] if ranks == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
-        "--master_port", str(free_port()), *script]
-    return subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=300)
-
-
 def _train(out: Path, seed: int, variant: str, ranks: int) -> Path:
-    proc = _launch(out, seed, variant, ranks)
-    if proc.returncode != 0:
-        pytest.fail(f"{ranks}-rank run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    script = [__file__, "--out", str(out), "--seed", str(seed), "--variant", variant]
+    port = free_port()
+    cmd = [sys.executable, *script] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port", str(port),
+        *script]
+    [(code, output)] = launch([cmd], f"{ranks}-rank run", port)
+    if code != 0:
+        pytest.fail(f"{ranks}-rank run failed:\n{output[-9000:]}")
     return out
 
 
@@ -184,12 +180,12 @@ def test_the_shipped_accelerate_config_launches_fsdp2_with_transformer_layer_wra
     layer, the whole state dict gathered for saving, fp32."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    proc = subprocess.run(
-        [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(FSDP2_CONFIG),
-         "--num_processes", "1", "--main_process_port", str(free_port()), __file__, "--show_launch"],
-        env=environment(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    launched = json.loads(proc.stdout.strip().splitlines()[-1])
+    port = free_port()
+    [(code, output)] = launch([[str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+                                str(FSDP2_CONFIG), "--num_processes", "1", "--main_process_port", str(port), __file__,
+                                "--show_launch"]], "accelerate launch", port)
+    assert code == 0, output[-3000:]
+    launched = json.loads(next(line for line in reversed(output.splitlines()) if line.startswith('{"')))
     assert launched["ACCELERATE_USE_FSDP"] == "true" and launched["ACCELERATE_MIXED_PRECISION"] == "no"
     for key, value in launched.items():
         monkeypatch.setenv(key, value)
