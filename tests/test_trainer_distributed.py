@@ -122,18 +122,11 @@ def _shm_left_by(port: int | None) -> list[str]:
     return [path.name for path in left]
 
 
-def run(cmd: list[str], what: str, port: int | None) -> str:
-    [(code, output)] = launch([cmd], what, port)
-    if code != 0:
-        pytest.fail(f"{what} failed:\n{output[-9000:]}")
-    return output
-
-
 class Launches:
     """The runs of this module, each started the first time a test asks for it."""
 
     def __init__(self, root: Path, seed: int):
-        self.root, self.seed, self.logs = root, seed, {}
+        self.root, self.seed, self.logs, self.failures = root, seed, {}, {}
         config = json.loads(ZERO3.read_text())
         config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
         self.ds_config = root / "zero3_partition_all.json"
@@ -144,51 +137,54 @@ class Launches:
         return self.deepspeed(name, self.ds_config, *extra)
 
     def deepspeed(self, name: str, config: Path, *extra: str) -> Path:
-        if name not in self.logs:
-            port = free_port()
-            self.logs[name] = run(
-                deepspeed_launcher() + ["--num_gpus", "2", "--master_port", str(port), "--module",
-                                        "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1),
-                                        *extra, "--deepspeed", str(config)],
-                f"2-rank deepspeed launch {name}", port)
-        return self.root / name
+        port = free_port()
+        return self._once(name, f"2-rank deepspeed launch {name}", port, [
+            deepspeed_launcher() + ["--num_gpus", "2", "--master_port", str(port), "--module",
+                                    "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1),
+                                    *extra, "--deepspeed", str(config)]])
 
     def accelerate(self, name: str, config: str | Path, *extra: str) -> Path:
         """``accelerate launch --config_file config`` (a shipped config's name, or a path) on 2 ranks without
         mixed precision."""
-        if name not in self.logs:
-            path = ACCELERATE_CONFIGS / f"{config}.yaml" if isinstance(config, str) else config
-            port = free_port()
-            self.logs[name] = run(
-                [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(path),
-                 "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
-                 "-m", "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1), *extra],
-                f"2-rank accelerate launch {name}", port)
-        return self.root / name
+        path = ACCELERATE_CONFIGS / f"{config}.yaml" if isinstance(config, str) else config
+        port = free_port()
+        return self._once(name, f"2-rank accelerate launch {name}", port, [
+            [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file", str(path),
+             "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(port),
+             "-m", "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1), *extra]])
 
     def two_nodes(self, name: str) -> Path:
         """Two node ranks of one process each on this machine, as two ``torchrun --nnodes 2`` launches meeting at
         one rendezvous (what each node of a cluster runs, with the first node's address)."""
-        if name not in self.logs:
-            port = free_port()
-            results = launch([
-                [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                 "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-                 "-m", "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1),
-                 "--deepspeed", str(self.ds_config)] for node in (0, 1)], f"the two-node launch {name}", port)
-            for node, (code, log) in enumerate(results):
-                if code != 0:
-                    pytest.fail(f"node rank {node} of the two-node launch {name} failed:\n{log[-6000:]}")
-            logs = [log for _, log in results]
-            self.logs[name] = "\n".join(logs)
-        return self.root / name
+        port = free_port()
+        return self._once(name, f"the two-node launch {name}", port, [
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+             "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+             "-m", "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 1),
+             "--deepspeed", str(self.ds_config)] for node in (0, 1)])
 
     def plain(self, name: str, *extra: str) -> Path:
+        return self._once(name, f"one-process run {name}", None, [
+            [sys.executable, "-m", "firempo_kernels.integrations.train", *overrides(self.root / name, self.seed, 2),
+             *extra, "--shared_prefix", "false"]])
+
+    def _once(self, name: str, what: str, port: int | None, commands: list[list[str]]) -> Path:
+        """Launch ``commands`` the first time a test asks for the run ``name``; later tests read its log and
+        output folder. A launch that failed fails each later test that asks for it, at once and without
+        launching again: its folder holds part of a run, which a second launch would refuse to overwrite."""
+        if name in self.failures:
+            pytest.fail(f"{what} failed in an earlier test:\n{self.failures[name]}")
         if name not in self.logs:
-            self.logs[name] = run(
-                [sys.executable, "-m", "firempo_kernels.integrations.train",
-                 *overrides(self.root / name, self.seed, 2), *extra, "--shared_prefix", "false"],
-                f"one-process run {name}", port=None)
+            try:
+                results = launch(commands, what, port)
+                for node, (code, log) in enumerate(results):
+                    if code != 0:
+                        part = f" (node rank {node})" if len(results) > 1 else ""
+                        pytest.fail(f"{what}{part} failed:\n{log[-9000:]}")
+            except (pytest.fail.Exception, AssertionError) as failure:
+                self.failures[name] = str(failure)[-6000:]
+                raise
+            self.logs[name] = "\n".join(log for _, log in results)
         return self.root / name
 
 
@@ -330,3 +326,16 @@ def test_a_launch_past_its_time_is_stopped_with_every_process_it_started(tmp_pat
         time.sleep(0.1)
     else:
         pytest.fail(f"the rank {rank.name} still runs")
+
+
+def test_a_failed_launch_fails_each_test_that_asks_for_it_again_without_launching(tmp_path, monkeypatch):
+    launches = Launches(tmp_path, seed=0)
+    with pytest.raises(pytest.fail.Exception, match="one-process run bad failed:(.|\n)*no_such_key"):
+        launches.plain("bad", "--no_such_key", "1")
+
+    def launch_again(*args, **kwargs):
+        raise AssertionError("launched again")
+
+    monkeypatch.setitem(globals(), "launch", launch_again)
+    with pytest.raises(pytest.fail.Exception, match="failed in an earlier test:(.|\n)*no_such_key"):
+        launches.plain("bad", "--no_such_key", "1")
