@@ -51,7 +51,7 @@ setup(
         "deepspeed": ["deepspeed>=0.16", "pyyaml", "tqdm"],
         "peft": ["peft"],
         "bench": ["pytest-benchmark", "matplotlib", "liger-kernel", "cut-cross-entropy"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "pytest-timeout"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "pytest-timeout", "psutil"],
         # flash-attn ships no wheels on the registry: optional, never needed to import or test.
         "gpu": ["flash-attn"],
     },

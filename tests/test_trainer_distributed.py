@@ -31,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -100,16 +101,40 @@ def launch(commands: list[list[str]], what: str, port: int | None, timeout: floa
         pass
     finally:  # whatever ended the wait (its end, the timeout, the test's own timeout), no rank outlives it
         for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_with_every_process_under(proc)
     if outputs is None:
-        tails = [proc.communicate(timeout=30)[0] or "" for proc in procs]
+        tails = [_rest_of_output(proc) for proc in procs]
         _shm_left_by(port)
         pytest.fail(f"{what} ran past {timeout:.0f} s and was stopped with its ranks:\n"
                     + "\n".join(tail[-4000:] for tail in tails))
     left = _shm_left_by(port)
     assert not left, f"{what} left DeepSpeed all-reduce buffers in /dev/shm: {left}"
     return [(proc.returncode, output) for proc, output in zip(procs, outputs)]
+
+
+def _rest_of_output(proc: subprocess.Popen) -> str:
+    try:
+        return proc.communicate(timeout=30)[0] or ""
+    except subprocess.TimeoutExpired:  # a process out of reach still holds the pipe
+        return "(its output stayed open after the kill)"
+
+
+def _kill_with_every_process_under(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher, everything it started and everything in its session. torch's elastic agent (torchrun,
+    ``accelerate launch``) starts each rank in a session of its own, so the launcher's session alone misses
+    them; a rank whose parent already died is in no one's tree but still in a session."""
+    try:
+        family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        family = []
+    sessions = {proc.pid}
+    for member in family:
+        with contextlib.suppress(psutil.Error):
+            sessions.add(os.getsid(member.pid))
+            member.kill()
+    for session in sessions:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(session, signal.SIGKILL)
 
 
 def _shm_left_by(port: int | None) -> list[str]:
@@ -181,7 +206,7 @@ class Launches:
                     if code != 0:
                         part = f" (node rank {node})" if len(results) > 1 else ""
                         pytest.fail(f"{what}{part} failed:\n{log[-9000:]}")
-            except (pytest.fail.Exception, AssertionError) as failure:
+            except (pytest.fail.Exception, Exception) as failure:
                 self.failures[name] = str(failure)[-6000:]
                 raise
             self.logs[name] = "\n".join(log for _, log in results)
@@ -316,7 +341,8 @@ def test_a_launch_past_its_time_is_stopped_with_every_process_it_started(tmp_pat
     """A hung rank must not outlive its test: the launcher and the ranks it started go together."""
     pid_file = tmp_path / "rank.pid"
     launcher = ("import subprocess, sys, time; rank = subprocess.Popen([sys.executable, '-c', 'import time; "
-                f"time.sleep(300)']); open({str(pid_file)!r}, 'w').write(str(rank.pid)); time.sleep(300)")
+                "time.sleep(300)'], start_new_session=True); "  # as torch's elastic agent starts its ranks
+                f"open({str(pid_file)!r}, 'w').write(str(rank.pid)); time.sleep(300)")
     with pytest.raises(pytest.fail.Exception, match="ran past 5 s"):
         launch([[sys.executable, "-c", launcher]], "a hung launch", None, timeout=5)
     rank = Path("/proc", pid_file.read_text())
