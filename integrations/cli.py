@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -20,6 +21,13 @@ __all__ = ["USER_ERRORS", "run_command", "check_writable_file", "check_writable_
 #: Errors that mean "the input, the config or the environment is wrong", not "the program is wrong". OSError
 #: covers unreadable images ("image file is truncated"), missing or unwritable paths, a full disk.
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError, ImportError)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback address now, for a launch's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_command(

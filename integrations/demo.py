@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from .cli import atomic_write, run_command, write_whole
+from .cli import atomic_write, free_port, run_command, write_whole
 
 _DEMO_MARKER = ".firempo-demo"
 TRAIN_CURVES = ("loss", "rewards/margins", "rewards/accuracies", "kl/forward", "kl/reverse", "visual/margins")
@@ -94,10 +93,10 @@ def format_warmup(model, processor, records, cfg: DemoConfig) -> list[float]:
 # Training through the deepspeed launcher
 # ---------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def deepspeed_launcher() -> list[str]:
+    """The ``deepspeed`` launcher beside this interpreter, or its module where no script was installed."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    return [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def write_run_config(out: Path, base_dir: Path, pairs: Path, cfg: DemoConfig) -> Path:
@@ -139,10 +138,8 @@ def launch_training(recipe: Path, ranks: int, log_path: Path) -> None:
 
     The launcher's output goes to the terminal and to ``log_path``; a failure raises with the log's tail.
     """
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    cmd += ["--num_gpus", str(ranks), "--master_port", str(_free_port()),
-            "--module", "firempo_kernels.integrations.train", "--config", str(recipe)]
+    cmd = deepspeed_launcher() + ["--num_gpus", str(ranks), "--master_port", str(free_port()),
+                                  "--module", "firempo_kernels.integrations.train", "--config", str(recipe)]
     env = dict(os.environ)
     # One compute thread per rank: the ranks share this machine's cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or ranks) // ranks)))

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import check_writable_dir, run_command
+from .cli import check_writable_dir, free_port, run_command
 from .recipe import SHIPPED_DEEPSPEED_CONFIGS, FiReMPOScriptArguments, RecipeParser, recipe_argv
 from .run_dir import check_new_run, record_run, resume_checkpoint, run_record
 
@@ -246,15 +246,10 @@ def build_trainer(script: FiReMPOScriptArguments, args, model_args, *, log=print
 def _single_process_group() -> None:
     """Run directly (no launcher), DeepSpeed still needs a process group: a one-rank one on a free local port
     (it would otherwise try MPI discovery)."""
-    import socket
-
     if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
         return
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                       ("MASTER_PORT", str(port))):
+                       ("MASTER_PORT", str(free_port()))):
         os.environ.setdefault(key, value)
 
 

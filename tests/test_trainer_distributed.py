@@ -25,7 +25,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,8 @@ import torch
 from safetensors.torch import load_file
 
 from firempo_kernels.integrations import train
+from firempo_kernels.integrations.cli import free_port
+from firempo_kernels.integrations.demo import deepspeed_launcher
 
 pytestmark = pytest.mark.slow  # multi-rank launches, tens of seconds each
 SMOKE = Path(train.__file__).parent / "configs" / "smoke.yaml"
@@ -46,17 +47,6 @@ RTOL = 1e-5
 _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TRITON_INTERPRET")
 LORA = ["--use_peft", "--lora_r", "4", "--lora_dropout", "0.0", "--train_lm_head", "false",
         "--reference_mode", "adapters_disabled"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deepspeed_launcher() -> list[str]:
-    launcher = Path(sys.executable).with_name("deepspeed")
-    return [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
 def environment():
@@ -82,7 +72,8 @@ def overrides(out: Path, seed: int, micro: int) -> list[str]:
 LAUNCH_TIMEOUT_S = 480
 
 
-def launch(commands: list[list[str]], what: str, port: int | None, timeout: float = LAUNCH_TIMEOUT_S) -> list[tuple[int, str]]:
+def launch(commands: list[list[str]], what: str, port: int | None,
+           timeout: float = LAUNCH_TIMEOUT_S) -> list[tuple[int, str]]:
     """Run ``commands`` side by side (one launch, or the node ranks of one) and return each one's exit code and
     output (stdout and stderr together).
 
